@@ -25,9 +25,9 @@ class ArithmeticSpec:
     num_train: int = 4000
     num_eval: int = 400
     ops: tuple[str, ...] = ("+", "-", "*")
-    max_digits: int = 3  # difficulty levels 1..max_digits
-    # Per-op cap on difficulty (multiplication of 3-digit numbers is far beyond a tiny model).
-    max_digits_mul: int = 2
+    max_digits: int = 2  # difficulty levels 1..max_digits
+    # Per-op cap: multi-digit products are far beyond the tiny default model.
+    max_digits_mul: int = 1
 
 
 def format_prompt(a: int, op: str, b: int) -> str:

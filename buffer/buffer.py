@@ -13,7 +13,6 @@ older than v − η is a bug, and raises.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import asdict, dataclass
 
 from buffer.types import Group
@@ -54,11 +53,18 @@ class StalenessManager:
 
 
 class TrajectoryBuffer:
-    """Finished groups, first in first out, handed out only within the staleness bound."""
+    """Finished groups waiting for the trainer, handed out oldest first within the bound.
+
+    Groups finish out of order, so plain first-in-first-out would let a slow group age
+    past η while younger ones overtake it. Instead, a batch for trainer version v must
+    contain every group started at version ≤ v − η (it could not wait any longer), and is
+    filled up with the oldest others. If such a group is still generating, the batch
+    waits for it. The admission rule bounds those groups to at most one batch.
+    """
 
     def __init__(self, max_staleness: int) -> None:
         self.max_staleness = max_staleness
-        self._groups: deque[Group] = deque()
+        self._groups: list[Group] = []
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -68,19 +74,29 @@ class TrajectoryBuffer:
             raise ValueError(f"group {group.group_id} is not finished; partial groups go to the partial pool")
         self._groups.append(group)
 
-    def get(self, count: int, version: int) -> list[Group] | None:
-        """The `count` oldest groups, or None if fewer are ready. `version` is the
-        trainer's version that will consume them."""
-        if len(self._groups) < count:
+    def get(self, count: int, version: int, running_start_versions: list[int] = ()) -> list[Group] | None:
+        """`count` groups for the trainer at `version`, or None if it must wait.
+
+        `running_start_versions` are the start versions of groups still generating.
+        """
+        due = version - self.max_staleness
+        if len(self._groups) < count or any(v <= due for v in running_start_versions):
             return None
-        batch = [self._groups.popleft() for _ in range(count)]
+        self._groups.sort(key=lambda g: (g.start_version, g.oldest_version or 0))
+        batch, self._groups = self._groups[:count], self._groups[count:]
         for group in batch:
-            oldest = group.oldest_version
-            if oldest is not None and version - oldest > self.max_staleness:
+            oldest = min(group.start_version, group.oldest_version if group.oldest_version is not None else group.start_version)
+            if version - oldest > self.max_staleness:
                 raise StalenessError(
                     f"group {group.group_id} has tokens from version {oldest}, consumed at version "
                     f"{version}: age {version - oldest} > max_staleness {self.max_staleness}"
                 )
+        overdue = [g.group_id for g in self._groups if g.start_version <= due]
+        if overdue:
+            raise StalenessError(
+                f"{len(overdue)} groups started at version <= {due} did not fit in the batch for "
+                f"version {version}: admission control let too many start (batch of {count})"
+            )
         return batch
 
     def groups(self) -> list[Group]:

@@ -53,6 +53,7 @@ class RolloutWorker:
         self.version = 0
         self._tasks: set[asyncio.Task] = set()
         self._finished: list[Group] = []
+        self._dropped: list[str] = []  # group ids a reward failure policy dropped
         self._finished_event: asyncio.Event | None = None
         self._error: BaseException | None = None
         self.counts = {"groups_started": 0, "groups_finished": 0, "groups_dropped": 0, "groups_cancelled": 0}
@@ -160,13 +161,15 @@ class RolloutWorker:
             self._finished.append(group)
             self.counts["groups_finished"] += 1
         else:
+            self._dropped.append(group.group_id)
             self.counts["groups_dropped"] += 1
         self._finished_event.set()
 
-    async def collect(self, min_groups: int = 0, timeout_s: float = 0.0) -> list[Group]:
-        """Hand over finished groups; wait up to `timeout_s` for at least `min_groups`."""
+    async def collect(self, min_groups: int = 0, timeout_s: float = 0.0) -> tuple[list[Group], list[str]]:
+        """Hand over finished groups and the ids of dropped ones; wait up to `timeout_s`
+        for at least `min_groups` of either."""
         deadline = time.perf_counter() + timeout_s
-        while self._error is None and len(self._finished) < min_groups:
+        while self._error is None and len(self._finished) + len(self._dropped) < min_groups:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -178,7 +181,8 @@ class RolloutWorker:
         if self._error is not None:
             raise RuntimeError(f"rollout worker failed: {self._error!r}") from self._error
         groups, self._finished = self._finished, []
-        return groups
+        dropped, self._dropped = self._dropped, []
+        return groups, dropped
 
     # -- weights ---------------------------------------------------------------------
     async def update_weights(self, payload: bytes, version: int) -> dict[str, float]:

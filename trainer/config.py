@@ -40,8 +40,8 @@ class TaskConfig:
     num_train: int = 4000
     num_eval: int = 400
     ops: str = "+-*"
-    max_digits: int = 3
-    max_digits_mul: int = 2
+    max_digits: int = 2
+    max_digits_mul: int = 1
     train_files: Optional[str] = None  # for name=files: a path or glob
     eval_files: Optional[str] = None
     prompt_key: str = "prompt"

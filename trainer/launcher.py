@@ -122,6 +122,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     buffer = TrajectoryBuffer(cfg.buffer.max_staleness)
     gate = StalenessManager(batch_groups, cfg.buffer.max_staleness)
     ledger = Ledger()
+    running: dict[str, int] = {}  # group id -> start version, for groups still generating
     version = 0  # trainer's
     synced = 0  # the worker's: admission follows the weights rollouts actually use
     collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
@@ -134,12 +135,14 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
 
     while version < total or sync_ref is not None or eval_ref is not None:
         if version < total:
-            capacity = gate.capacity(synced, ledger.started)
+            capacity = gate.capacity(synced, ledger.started - ledger.dropped_by_reward)
             if capacity:
-                worker.submit.remote(pool.next(capacity, version=synced))
+                items = pool.next(capacity, version=synced)
+                running.update((item.group_id, synced) for item in items)
+                worker.submit.remote(items)
                 ledger.started += capacity
         if train_ref is None and version < total:
-            batch = buffer.get(batch_groups, version)
+            batch = buffer.get(batch_groups, version, list(running.values()))
             if batch is not None:
                 train_ref = trainer.train_step.remote(batch)
                 ledger.consumed += len(batch)
@@ -147,9 +150,14 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
         pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
         ready, _ = ray.wait(pending, num_returns=1)
         if collect_ref in ready:
-            for group in ray.get(collect_ref):
+            groups, dropped = ray.get(collect_ref)
+            for group in groups:
                 buffer.put(group)
+                running.pop(group.group_id)
                 ledger.finished += 1
+            for group_id in dropped:
+                running.pop(group_id)
+                ledger.dropped_by_reward += 1
             collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
         if train_ref is not None and train_ref in ready:
             step_metrics = ray.get(train_ref)
@@ -193,13 +201,19 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             logger.log(version, result)
             logger.progress(f"step {version}: held-out accuracy {result['eval/accuracy']:.3f}")
 
-    leftovers = ray.get(collect_ref)
-    running = ray.get(worker.stop_generation.remote())  # in-flight groups, cancelled at exit
-    leftovers += ray.get(worker.collect.remote())
+    cancelled = ray.get(worker.stop_generation.remote())  # in-flight groups, cancelled at exit
+    leftovers = []
+    for ref in (collect_ref, worker.collect.remote()):
+        groups, dropped = ray.get(ref)
+        leftovers += groups
+        ledger.dropped_by_reward += len(dropped)
+        for group_id in [g.group_id for g in groups] + dropped:
+            running.pop(group_id)
+    if cancelled != len(running):
+        raise RuntimeError(f"worker cancelled {cancelled} groups but the launcher counts {len(running)} running")
     buffered = len(buffer) + len(leftovers)
     ledger.finished += len(leftovers)
-    ledger.dropped_by_reward = int(ray.get(worker.stats.remote())["rollout/groups_dropped"])
-    summary = {**ledger.as_dict(), "unfinished_at_exit": running, "buffered_at_exit": buffered,
-               "lost": ledger.lost(running, buffered)}
+    summary = {**ledger.as_dict(), "unfinished_at_exit": cancelled, "buffered_at_exit": buffered,
+               "lost": ledger.lost(cancelled, buffered)}
     logger.progress(f"ledger: {summary}")
     return version, summary

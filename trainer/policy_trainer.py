@@ -25,7 +25,7 @@ from buffer.types import Group
 class TrainerConfig:
     """Optimisation settings; the batch is `batch_groups` groups of rollout.n_samples each."""
 
-    lr: float = 2e-4
+    lr: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99

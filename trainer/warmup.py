@@ -30,7 +30,7 @@ class WarmupConfig:
     target_accuracy: float = 0.3
     max_steps: int = 4000
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-3
     eval_every: int = 50
     eval_rows: int = 200
     seed: int = 0
