@@ -13,6 +13,7 @@ older than v − η is a bug, and raises.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from buffer.types import Group
@@ -53,13 +54,15 @@ class StalenessManager:
 
 
 class TrajectoryBuffer:
-    """Finished groups waiting for the trainer, handed out oldest first within the bound.
+    """Finished groups waiting for the trainer, scheduled by deadline.
 
+    A group started at version s must be consumed by version s + η (its deadline).
     Groups finish out of order, so plain first-in-first-out would let a slow group age
-    past η while younger ones overtake it. Instead, a batch for trainer version v must
-    contain every group started at version ≤ v − η (it could not wait any longer), and is
-    filled up with the oldest others. If such a group is still generating, the batch
-    waits for it. The admission rule bounds those groups to at most one batch.
+    past η while younger ones overtake it. `get` therefore hands out the earliest
+    deadlines first, and only if what stays behind (buffered or still generating) can
+    still meet its deadlines, B groups per version; otherwise the trainer waits for the
+    stragglers. Admission control guarantees a feasible schedule exists. With η = 0
+    this is exactly synchronous training.
     """
 
     def __init__(self, max_staleness: int) -> None:
@@ -74,29 +77,29 @@ class TrajectoryBuffer:
             raise ValueError(f"group {group.group_id} is not finished; partial groups go to the partial pool")
         self._groups.append(group)
 
-    def get(self, count: int, version: int, running_start_versions: list[int] = ()) -> list[Group] | None:
+    def get(self, count: int, version: int, running_start_versions: Iterable[int] = ()) -> list[Group] | None:
         """`count` groups for the trainer at `version`, or None if it must wait.
 
         `running_start_versions` are the start versions of groups still generating.
         """
-        due = version - self.max_staleness
-        if len(self._groups) < count or any(v <= due for v in running_start_versions):
+        if len(self._groups) < count:
             return None
-        self._groups.sort(key=lambda g: (g.start_version, g.oldest_version or 0))
-        batch, self._groups = self._groups[:count], self._groups[count:]
+        self._groups.sort(key=lambda g: g.start_version)
+        batch, rest = self._groups[:count], self._groups[count:]
+        deadlines = sorted([g.start_version + self.max_staleness for g in rest] +
+                           [s + self.max_staleness for s in running_start_versions])
+        # The i-th earliest deadline left behind needs a slot in versions version+1 .. deadline.
+        if any(i + 1 > (deadline - version) * count for i, deadline in enumerate(deadlines)):
+            return None
         for group in batch:
-            oldest = min(group.start_version, group.oldest_version if group.oldest_version is not None else group.start_version)
+            oldest = min(group.start_version, group.oldest_version if group.oldest_version is not None
+                         else group.start_version)
             if version - oldest > self.max_staleness:
                 raise StalenessError(
                     f"group {group.group_id} has tokens from version {oldest}, consumed at version "
                     f"{version}: age {version - oldest} > max_staleness {self.max_staleness}"
                 )
-        overdue = [g.group_id for g in self._groups if g.start_version <= due]
-        if overdue:
-            raise StalenessError(
-                f"{len(overdue)} groups started at version <= {due} did not fit in the batch for "
-                f"version {version}: admission control let too many start (batch of {count})"
-            )
+        self._groups = rest
         return batch
 
     def groups(self) -> list[Group]:

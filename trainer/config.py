@@ -60,7 +60,7 @@ class BufferConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 20  # held-out evaluation every N trainer versions; 0 = only before/after
+    every_steps: int = 50  # held-out evaluation every N trainer versions; 0 = only before/after
     max_rows: int = 400
 
 

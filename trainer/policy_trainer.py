@@ -32,8 +32,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     zero_stage: int = 1
     bf16: bool = False
-    batch_groups: int = 16
-    total_steps: int = 60
+    batch_groups: int = 32
+    total_steps: int = 400
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
     num_threads: int = 1
