@@ -45,8 +45,10 @@ class RolloutConfig:
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, rollout: RolloutConfig, reward: RewardConfig) -> None:
+    def __init__(self, model_path: str, rollout: RolloutConfig, reward: RewardConfig,
+                 reward_cwd: str | None = None) -> None:
         self.model_path = model_path
+        self.reward_cwd = reward_cwd  # where relative reward paths resolve: the launch directory
         self.cfg = rollout
         self.reward_cfg = reward
         self.engine = VLLMEngine(model_path, rollout.engine)
@@ -66,7 +68,7 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.rewards = RewardRunner(self.reward_cfg)
+        self.rewards = RewardRunner(self.reward_cfg, cwd=self.reward_cwd)
         self._finished_event = asyncio.Event()
         seconds = await self.engine.astart()
         # The first request with logprobs compiles a sampler kernel; pay for it now.

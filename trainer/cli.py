@@ -34,7 +34,7 @@ def _train_app() -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(raw: DictConfig) -> None:
-        from trainer.launcher import train
+        from trainer.launcher import StartupError, train
 
         try:
             cfg = OmegaConf.to_object(raw)
@@ -47,7 +47,11 @@ def _train_app() -> None:
         resolved = OmegaConf.to_yaml(raw, resolve=True)
         (run_dir / "config.yaml").write_text(resolved)
         print(resolved, file=sys.stderr)
-        summary = train(cfg, run_dir)
+        try:
+            summary = train(cfg, run_dir)
+        except StartupError as err:
+            print(f"grove: error: {err}", file=sys.stderr)
+            sys.exit(2)
         print(
             f"grove: accuracy_before={summary.accuracy_before:.4f} "
             f"accuracy_after={summary.accuracy_after:.4f} run_dir={summary.run_dir}",

@@ -59,6 +59,30 @@ def resolve_model(cfg: GroveConfig, data: PromptData, log) -> str:
     return str(ensure_default_model(cfg.model.tiny, cfg.model.warmup, data.train, data.fingerprint, log=log))
 
 
+class StartupError(Exception):
+    """Bad input found before any engine started: the message says what and where."""
+
+
+def preflight(cfg: GroveConfig, say) -> tuple[PromptData, str]:
+    """Everything that can fail on bad input, checked before Ray, vLLM or DeepSpeed start:
+    the dataset rows, the model folder, and every reward against one dataset row."""
+    from rewards.runner import RewardRunner
+
+    try:
+        data = load_data(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise StartupError(f"task: {err}") from err
+    try:
+        RewardRunner(cfg.reward, example_row=data.train[0], cwd=os.getcwd()).close()
+    except Exception as err:  # import errors, bad specs, wrong signatures
+        raise StartupError(f"reward: {err}") from err
+    try:
+        model_path = resolve_model(cfg, data, say)
+    except (ValueError, FileNotFoundError) as err:
+        raise StartupError(f"model: {err}") from err
+    return data, model_path
+
+
 def start_actors(cfg: GroveConfig, model_path: str):
     """A rollout actor and a trainer actor on a local Ray, one core each."""
     import ray
@@ -74,7 +98,7 @@ def start_actors(cfg: GroveConfig, model_path: str):
                  configure_logging=True)
     rollout_env = {**quiet, **engine_env(cfg.rollout.engine)}
     worker = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker).options(
-        runtime_env={"env_vars": rollout_env}).remote(model_path, cfg.rollout, cfg.reward)
+        runtime_env={"env_vars": rollout_env}).remote(model_path, cfg.rollout, cfg.reward, os.getcwd())
     trainer = ray.remote(num_cpus=1, max_restarts=0)(Trainer).options(
         runtime_env={"env_vars": quiet}).remote(model_path, cfg.trainer, cfg.algorithm, cfg.rollout.temperature)
     return worker, trainer
@@ -88,9 +112,8 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
                            cfg.logger.project, cfg.logger.console)
     say = logger.progress
     try:
-        data = load_data(cfg)
+        data, model_path = preflight(cfg, say)
         eval_rows = data.eval[: cfg.eval.max_rows]
-        model_path = resolve_model(cfg, data, say)
         say(f"model: {model_path}")
         worker, trainer = start_actors(cfg, model_path)
         setup = ray.get([worker.astart.remote(), trainer.setup.remote()])

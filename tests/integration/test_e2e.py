@@ -46,3 +46,35 @@ def test_short_run_completes_and_records_several_policy_versions(tmp_path, model
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final_model").config.model_type == "qwen2"
+
+
+MY_REWARD = '''import re
+
+def my_fn(response: str, answer: str, **kwargs) -> float:
+    """1.0 if the last number in the response equals the row's answer."""
+    numbers = re.findall(r"-?\\d+", response)
+    return 1.0 if numbers and numbers[-1] == str(answer).strip() else 0.0
+'''
+
+
+def test_docs_reward_walkthrough_trains_with_a_users_own_file(tmp_path, model_path):
+    """docs/rewards.md section 1, verbatim: a reward in the user's own file, outside the repo."""
+    docs = (Path(__file__).parents[2] / "docs" / "rewards.md").read_text()
+    assert MY_REWARD.replace("\\\\", "\\") in docs
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "my_reward.py").write_text(MY_REWARD.replace("\\\\", "\\"))
+    out = grove([f"reward.functions=[{{fn: {home}/my_reward.py:my_fn}}]", "trainer.total_steps=2",
+                 "eval.every_steps=0", "eval.max_rows=50", "logger=none", "run_name=walk"], tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert LAST_LINE.match(out.stdout.strip().splitlines()[-1])
+    rewards = [json.loads(l).get("train/reward_mean") for l in (tmp_path / "walk" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r is not None and r > 0 for r in rewards)
+
+
+def test_a_reward_with_a_wrong_signature_fails_before_any_engine_starts(tmp_path):
+    (tmp_path / "bad_reward.py").write_text("def score(completion, solution):\n    return 1.0\n")
+    out = grove([f"reward.functions=[{{fn: {tmp_path}/bad_reward.py:score}}]", "logger=none"], tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "grove: error: reward:" in out.stderr and "score" in out.stderr and "completion" in out.stderr
+    assert "engines ready" not in out.stderr
