@@ -62,6 +62,12 @@ class AlgorithmConfig:
     rejection_low: float = 0.5
     rejection_high: float = 2.0
 
+    # Sampling-side parts of a recipe (applied by the launcher, declared here so one name
+    # selects the whole recipe).
+    dynamic_sampling: bool = False  # DAPO: zero-variance groups never enter a batch
+    max_num_gen_batches: int = 10  # DAPO: give up after this many batches' worth filtered in a row
+    requires_sampler: Optional[str] = None  # a prompt sampler this recipe cannot run without
+
     @property
     def needs_reference(self) -> bool:
         """Whether the trainer must compute reference-model logprobs."""
@@ -100,6 +106,7 @@ class AlgorithmConfig:
             self.rejection_high > self.rejection_low,
             f"must be > algorithm.rejection_low={self.rejection_low!r}",
         )
+        _check("max_num_gen_batches", self.max_num_gen_batches, self.max_num_gen_batches >= 1, "must be >= 1")
         if self.prox_mode == "loglinear" and not self.decoupled:
             raise ValueError(
                 "algorithm.prox_mode='loglinear' approximates the proximal policy of decoupled PPO; "

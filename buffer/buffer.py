@@ -19,22 +19,43 @@ from dataclasses import asdict, dataclass
 from buffer.types import Group
 
 
+def oldest_trained_version(group: Group, default: int) -> int:
+    """The oldest version among tokens that are trained on (masked context does not age)."""
+    versions = [v for t in group.trajectories for v, m in zip(t.versions, t.loss_mask) if m]
+    return min(versions) if versions else default
+
+
 class StalenessError(RuntimeError):
     """A group older than the staleness bound reached the trainer's side of the buffer."""
 
 
 @dataclass
 class Ledger:
-    """Every group's life, counted. `lost` must stay 0."""
+    """Every group's life, counted. `lost` must stay 0.
+
+    A group is started once; it then is running, buffered, in the partial pool,
+    consumed, dropped by a reward failure policy, or filtered (DAPO's dynamic sampling
+    keeps zero-variance groups out of batches). `partial`, `resumed` and
+    `samples_interrupted` count events, not groups in a state.
+    """
 
     started: int = 0
     finished: int = 0
-    dropped_by_reward: int = 0  # a reward failure policy asked to drop the group
     consumed: int = 0
+    dropped_by_reward: int = 0
+    filtered: int = 0
+    partial: int = 0  # times a group was handed back unfinished (APRIL)
+    resumed: int = 0  # times a partial group was resumed
+    samples_interrupted: int = 0  # requests aborted by a weight update and resumed
 
-    def lost(self, running: int, buffered: int) -> int:
-        """Groups unaccounted for: started but neither running, buffered, consumed nor dropped."""
-        return self.started - running - buffered - self.consumed - self.dropped_by_reward
+    @property
+    def retired(self) -> int:
+        """Groups that no longer take a slot in the admission count."""
+        return self.dropped_by_reward + self.filtered
+
+    def lost(self, running: int, buffered: int, partial_pool: int = 0) -> int:
+        """Started groups found in no state at all."""
+        return self.started - running - buffered - partial_pool - self.consumed - self.retired
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -78,22 +99,25 @@ class TrajectoryBuffer:
         self._groups.append(group)
 
     def get(self, count: int, version: int, running_start_versions: Iterable[int] = ()) -> list[Group] | None:
-        """`count` groups for the trainer at `version`, or None if it must wait.
+        """At least `count` groups for the trainer at `version`, or None if it must wait.
 
-        `running_start_versions` are the start versions of groups still generating.
+        `running_start_versions` are the start versions of groups still generating that
+        will be trained as they are. Buffered groups whose deadline is this version come
+        along even beyond `count` (APRIL collects a few extra when they finish together).
         """
         if len(self._groups) < count:
             return None
         self._groups.sort(key=lambda g: g.start_version)
-        batch, rest = self._groups[:count], self._groups[count:]
+        must_go = sum(g.start_version + self.max_staleness <= version for g in self._groups)
+        take = max(count, must_go)
+        batch, rest = self._groups[:take], self._groups[take:]
         deadlines = sorted([g.start_version + self.max_staleness for g in rest] +
                            [s + self.max_staleness for s in running_start_versions])
         # The i-th earliest deadline left behind needs a slot in versions version+1 .. deadline.
         if any(i + 1 > (deadline - version) * count for i, deadline in enumerate(deadlines)):
             return None
         for group in batch:
-            oldest = min(group.start_version, group.oldest_version if group.oldest_version is not None
-                         else group.start_version)
+            oldest = min(group.start_version, oldest_trained_version(group, group.start_version))
             if version - oldest > self.max_staleness:
                 raise StalenessError(
                     f"group {group.group_id} has tokens from version {oldest}, consumed at version "

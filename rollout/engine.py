@@ -1,8 +1,8 @@
 """A thin wrapper over vLLM's AsyncLLM: generate one sample, stream its tokens, swap weights.
 
-Grove asks four things of an inference engine: start, generate one response token by
-token with the logprob of each sampled token, apply new weights without a restart, and
-stop. Everything else (groups, versions, rewards) lives in `rollout.worker`. A GPU user
+Grove asks five things of an inference engine: start, generate one response token by
+token with the logprob of each sampled token, abort a request, apply new weights
+without a restart, and stop. Everything else (groups, versions, rewards) lives in `rollout.worker`. A GPU user
 gets the same class; only the engine arguments differ.
 """
 
@@ -139,22 +139,10 @@ class VLLMEngine:
     async def abort(self, request_ids: list[str]) -> None:
         await self.engine.abort(request_ids)
 
-    async def aupdate_weights(self, payload: bytes, on_paused=None) -> None:
-        """Apply new weights between engine steps; in-flight requests are kept and go
-        on with the new weights after the update.
-
-        `on_paused` runs once the engine has stopped producing tokens and before the new
-        weights load: the worker bumps its version there, so every token is stamped with
-        the weights that really produced it.
-        """
-        await self.engine.pause_generation(mode="keep", clear_cache=True)
-        try:
-            await asyncio.sleep(0.005)  # let streams consume deltas produced before the pause
-            if on_paused is not None:
-                on_paused()
-            await self.engine.collective_rpc("grove_load_weights", args=(payload,))
-        finally:
-            await self.engine.resume_generation()
+    async def aload_weights(self, payload: bytes) -> None:
+        """Load a safetensors blob into the live engine (no restart). Call it while no
+        request is generating, or in-flight requests mix old and new weights."""
+        await self.engine.collective_rpc("grove_load_weights", args=(payload,))
 
     async def aweights_digest(self) -> str:
         return (await self.engine.collective_rpc("grove_weights_digest"))[0]

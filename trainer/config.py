@@ -88,8 +88,28 @@ class GroveConfig:
     run_name: str = "run"
 
     def __post_init__(self) -> None:
-        if self.buffer.max_staleness < 0:
-            raise ValueError(f"buffer.max_staleness must be >= 0, got {self.buffer.max_staleness}")
+        eta = self.buffer.max_staleness
+        if eta < 0:
+            raise ValueError(f"buffer.max_staleness must be >= 0, got {eta}")
+        if eta > 0 and not self.algorithm.decoupled and self.algorithm.tis == "none":
+            raise ValueError(
+                f"buffer.max_staleness={eta} trains on samples up to {eta} policy versions old, but "
+                "algorithm.decoupled=false and algorithm.tis=none leave that off-policy gap uncorrected. "
+                "Set algorithm.decoupled=true (AReaL's decoupled PPO) or algorithm.tis=token, "
+                "or buffer.max_staleness=0 for synchronous training."
+            )
+        if self.rollout.overprovision > 1 and eta < 1:
+            raise ValueError(
+                f"rollout.overprovision={self.rollout.overprovision} (APRIL) carries unfinished groups into the "
+                "next policy version, which buffer.max_staleness=0 forbids. Set buffer.max_staleness=1 "
+                "(partial tokens older than that are masked out of the loss) or rollout.overprovision=1."
+            )
+        if self.algorithm.requires_sampler is not None:
+            raise ValueError(
+                f"algorithm={self.algorithm.name} needs the {self.algorithm.requires_sampler!r} prompt sampler "
+                "(difficulty-adaptive sampling), which this version of Grove does not have yet; it refuses "
+                "to start rather than silently run plain GRPO. Choose algorithm=grpo|dr_grpo|dapo|gspo."
+            )
 
 
 def register_configs() -> None:

@@ -124,11 +124,36 @@ def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log π(token t+1 | tokens ≤ t) for every position: (B, L-1)."""
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """log π(token t+1 | tokens ≤ t) for every position, (B, L-1); with the entropy of
+    each position's distribution too when asked."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    return logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    chosen = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return chosen
+    return chosen, -(logprobs.exp() * logprobs).sum(-1)
+
+
+def batch_statistics(batch: PackedBatch, advantages: torch.Tensor, version: int) -> dict[str, float]:
+    """What practitioners read first: advantage spread, dead groups, lengths, staleness."""
+    lengths = batch.loss_mask.sum(-1)
+    groups = batch.group_index.unique()
+    zero_variance = sum(float(batch.rewards[batch.group_index == g].std(unbiased=False)) < 1e-8 for g in groups)
+    trained = batch.loss_mask > 0
+    ages = (version - batch.versions[trained]).float()
+    return {
+        "adv/mean": float(advantages.mean()),
+        "adv/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+        "adv/min": float(advantages.min()),
+        "adv/max": float(advantages.max()),
+        "batch/zero_variance_group_frac": zero_variance / len(groups),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_min": float(lengths.min()),
+        "response/length_max": float(lengths.max()),
+        "staleness/token_age_mean": float(ages.mean()) if ages.numel() else 0.0,
+        "staleness/token_age_max": float(ages.max()) if ages.numel() else 0.0,
+    }
 
 
 class Trainer:
@@ -167,37 +192,61 @@ class Trainer:
             "wall_clock_breakdown": False,
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.reference = None
+        if self.algorithm.needs_reference:  # only then: a frozen copy costs a model's memory
+            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
         return {"trainer_setup_s": time.perf_counter() - start}
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One optimizer update on these groups; returns metrics, bumps the version."""
         start = time.perf_counter()
+        algo = self.algorithm
         batch = pack_groups(groups, self.tokenizer.pad_token_id)
-        advantages = compute_advantages(batch.rewards, batch.group_index, self.algorithm)
+        advantages = compute_advantages(batch.rewards, batch.group_index, algo)
         self.engine.train()
-        logprobs = token_logprobs(self.engine, batch.input_ids, batch.attention_mask, self.temperature)
+        logprobs, entropy = token_logprobs(self.engine, batch.input_ids, batch.attention_mask,
+                                           self.temperature, with_entropy=True)
+        ref_logprobs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logprobs = token_logprobs(self.reference, batch.input_ids, batch.attention_mask, self.temperature)
+        # π_old of the clip ratio. Decoupled PPO (AReaL): the proximal policy is this
+        # trainer's weights before the update, which is exactly this forward pass (one
+        # update per batch), or its log-linear approximation from the version stamps.
+        if not algo.decoupled:
+            old = batch.behaviour_logprobs
+        elif algo.prox_mode == "recompute":
+            old = logprobs.detach()
+        else:
+            old = None
         out = compute_policy_loss(
             PolicyLossInputs(
                 logprobs=logprobs,
-                old_logprobs=batch.behaviour_logprobs,
+                old_logprobs=old,
                 advantages=advantages,
                 loss_mask=batch.loss_mask,
                 behav_logprobs=batch.behaviour_logprobs,
+                ref_logprobs=ref_logprobs,
+                entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
+                versions=batch.versions.clamp(min=0),
+                current_version=self.version,
             ),
-            self.algorithm,
+            algo,
         )
         self.engine.backward(out.loss)
         self.engine.step()
+        stats = batch_statistics(batch, advantages, self.version)
         self.version += 1
         seconds = time.perf_counter() - start
         self._busy_seconds += seconds
         token_versions = batch.versions[batch.versions >= 0]
         metrics = {f"loss/{k}": float(v) for k, v in out.metrics.items()}
+        metrics.update(stats)
         metrics.update(
             {
                 "train/loss": float(out.loss.detach()),
                 "train/reward_mean": float(batch.rewards.mean()),
-                "train/advantage_abs_mean": float(advantages.abs().mean()),
                 "train/num_trajectories": float(len(batch.rewards)),
                 "train/num_tokens": float(batch.num_tokens),
                 "train/step_s": seconds,
