@@ -109,6 +109,7 @@ class VLLMEngine:
         top_p: float = 1.0,
         request_id: str | None = None,
         seed: int | None = None,
+        min_tokens: int = 0,
     ) -> AsyncIterator[TokenDelta]:
         """Stream one sampled response as token deltas, each with its sampling logprob."""
         from vllm import SamplingParams
@@ -118,6 +119,7 @@ class VLLMEngine:
         params = SamplingParams(
             n=1,
             max_tokens=max_tokens,
+            min_tokens=min(min_tokens, max_tokens),
             temperature=temperature,
             top_p=top_p,
             logprobs=0,

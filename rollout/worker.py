@@ -43,6 +43,10 @@ class RolloutConfig:
     eval_max_tokens: int = 8
     on_update: str = "interrupt"  # wait | interrupt | mask (see the module docstring)
     overprovision: float = 1.0  # APRIL: keep this many batches' worth of groups in flight (1 = off)
+    # A long-tail length mix for benchmarks and stress tests: this fraction of groups must
+    # generate at least `long_tail_min_tokens` tokens (EOS is ignored until then).
+    long_tail_fraction: float = 0.0
+    long_tail_min_tokens: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,11 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         if self.on_update not in ON_UPDATE_MODES:
             raise ValueError(f"rollout.on_update={self.on_update!r} is not one of {list(ON_UPDATE_MODES)}")
+        if not 0.0 <= self.long_tail_fraction <= 1.0:
+            raise ValueError(f"rollout.long_tail_fraction must be in [0, 1], got {self.long_tail_fraction}")
+        if self.long_tail_min_tokens > self.max_tokens:
+            raise ValueError(f"rollout.long_tail_min_tokens={self.long_tail_min_tokens} exceeds "
+                             f"rollout.max_tokens={self.max_tokens}")
         if self.overprovision < 1.0:
             raise ValueError(f"rollout.overprovision must be >= 1 (1 = no over-provisioning), got {self.overprovision}")
 
@@ -65,6 +74,10 @@ class Collected:
     groups: list[Group]  # finished and scored
     dropped: list[str]  # ids of groups a reward failure policy dropped
     partial: list[Group]  # interrupted by `interrupt_groups`, to resume later
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 class RolloutWorker:
@@ -164,9 +177,17 @@ class RolloutWorker:
             self._error = task.exception()
             self._changed.set()
 
+    def _min_tokens(self, group: Group) -> int:
+        """Long-tail groups, picked by a hash of the group id so a resumed group keeps its length."""
+        if not self.cfg.long_tail_fraction:
+            return 0
+        draw = int(group.group_id[:8], 16) / 16**8 if _is_hex(group.group_id[:8]) else 1.0
+        return self.cfg.long_tail_min_tokens if draw < self.cfg.long_tail_fraction else 0
+
     async def _run_group(self, group: Group) -> None:
+        min_tokens = self._min_tokens(group)
         group.trajectories = list(await asyncio.gather(
-            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature) for t in group.trajectories)))
+            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens) for t in group.trajectories)))
         if any(t.finish_reason is FinishReason.ABORTED for t in group.trajectories):
             self._partial.append(group)
             self.counts["groups_partial"] += 1
@@ -182,7 +203,8 @@ class RolloutWorker:
             await self.engine.abort(ids)
         return len(ids)
 
-    async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float) -> Trajectory:
+    async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float,
+                      min_tokens: int = 0) -> Trajectory:
         """Generate (or continue) one response, segment by segment, until it stops or is
         handed back as partial. A finished trajectory is returned unchanged."""
         if traj.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -199,8 +221,9 @@ class RolloutWorker:
             self._mark_active(request_id)
             finish = None
             try:
-                async for delta in self.engine.astream(traj.prompt_ids + traj.response_ids, remaining,
-                                                       temperature, self.cfg.top_p, request_id=request_id):
+                async for delta in self.engine.astream(
+                        traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
+                        request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens)):
                     traj.append_tokens(delta.token_ids, delta.logprobs, version)
                     self._tokens_generated += len(delta.token_ids)
                     finish = delta.finish_reason or finish
