@@ -47,6 +47,7 @@ class Ledger:
     partial: int = 0  # times a group was handed back unfinished (APRIL)
     resumed: int = 0  # times a partial group was resumed
     samples_interrupted: int = 0  # requests aborted by a weight update and resumed
+    masked_tokens: int = 0  # APRIL: tokens kept as context only, being older than η
 
     @property
     def retired(self) -> int:

@@ -92,6 +92,10 @@ class VLLMEngine:
         return time.perf_counter() - start
 
     @property
+    def started(self) -> bool:
+        return self._engine is not None
+
+    @property
     def engine(self):
         if self._engine is None:
             raise RuntimeError("VLLMEngine.astart() must be awaited before use")

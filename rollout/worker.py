@@ -82,18 +82,19 @@ def _is_hex(text: str) -> bool:
 
 class RolloutWorker:
     def __init__(self, model_path: str, rollout: RolloutConfig, reward: RewardConfig,
-                 reward_cwd: str | None = None) -> None:
+                 reward_cwd: str | None = None, engine: VLLMEngine | None = None) -> None:
         self.model_path = model_path
         self.cfg = rollout
         self.reward_cfg = reward
         self.reward_cwd = reward_cwd  # where relative reward paths resolve: the launch directory
-        self.engine = VLLMEngine(model_path, rollout.engine)
+        self.engine = engine or VLLMEngine(model_path, rollout.engine)  # tests share one engine
         self.version = 0
         self._tasks: set[asyncio.Task] = set()
         self._finished: list[Group] = []
         self._dropped: list[str] = []
         self._partial: list[Group] = []
         self._active: dict[str, str | None] = {}  # running request id -> abort reason
+        self._interrupts = 0  # bumped by interrupt_groups; groups started before it hand back
         self._error: BaseException | None = None
         self.counts = dict.fromkeys(
             ("groups_started", "groups_finished", "groups_dropped", "groups_cancelled", "groups_partial",
@@ -114,7 +115,7 @@ class RolloutWorker:
         self._gate.set()
         self._idle = asyncio.Event()  # no request is generating
         self._idle.set()
-        seconds = await self.engine.astart()
+        seconds = 0.0 if self.engine.started else await self.engine.astart()
         # The first request with logprobs compiles a sampler kernel; pay for it now.
         start = time.perf_counter()
         async for _ in self.engine.astream(self.tokenizer.encode("1+1="), max_tokens=2):
@@ -149,19 +150,19 @@ class RolloutWorker:
             self.counts["groups_started"] += 1
         return len(items)
 
-    async def resume(self, groups: list[Group], mask_before_version: int) -> int:
-        """Continue partial groups. Tokens older than `mask_before_version` stay as context
-        but leave the loss, so what is trained stays within the staleness bound."""
+    async def resume(self, groups: list[Group]) -> int:
+        """Continue partial groups where they stopped (their stale tokens were already
+        masked by the scheduler), on the current weights."""
         for group in groups:
-            for traj in group.trajectories:
-                traj.loss_mask = [0 if v < mask_before_version else m for v, m in zip(traj.versions, traj.loss_mask)]
             self._spawn(group)
             self.counts["groups_resumed"] += 1
         return len(groups)
 
     async def interrupt_groups(self) -> int:
         """APRIL: abort everything in flight; unfinished groups come back through `collect`
-        as partial groups. Returns the number of requests aborted."""
+        as partial groups, including samples waiting to start a segment. Returns the
+        number of requests aborted."""
+        self._interrupts += 1
         return await self._abort_active("partial")
 
     def _spawn(self, group: Group) -> None:
@@ -186,8 +187,10 @@ class RolloutWorker:
 
     async def _run_group(self, group: Group) -> None:
         min_tokens = self._min_tokens(group)
+        interrupts = self._interrupts
         group.trajectories = list(await asyncio.gather(
-            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens) for t in group.trajectories)))
+            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens, interrupts)
+              for t in group.trajectories)))
         if any(t.finish_reason is FinishReason.ABORTED for t in group.trajectories):
             self._partial.append(group)
             self.counts["groups_partial"] += 1
@@ -204,7 +207,7 @@ class RolloutWorker:
         return len(ids)
 
     async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float,
-                      min_tokens: int = 0) -> Trajectory:
+                      min_tokens: int = 0, interrupts: int | None = None) -> Trajectory:
         """Generate (or continue) one response, segment by segment, until it stops or is
         handed back as partial. A finished trajectory is returned unchanged."""
         if traj.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -216,6 +219,9 @@ class RolloutWorker:
                 traj.finish_reason = FinishReason.LENGTH
                 break
             await self._gate.wait()
+            if interrupts is not None and interrupts != self._interrupts:
+                traj.finish_reason = FinishReason.ABORTED  # handed back partial (APRIL)
+                break
             version = self.version  # the gate guarantees it stays so for this whole segment
             request_id = self.engine.new_request_id()
             self._mark_active(request_id)

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buffer.arithmetic import ArithmeticSpec
-from buffer.buffer import Ledger, StalenessManager, TrajectoryBuffer
 from buffer.datasets import PromptData, arithmetic_data, file_data
 from buffer.prompts import PromptPool
-from buffer.types import Group
+from buffer.scheduler import RolloutScheduler
 from trainer.config import GroveConfig
 from trainer.metrics import MetricsLogger
 
@@ -136,63 +135,17 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
             ray.shutdown()
 
 
-class LoopState:
-    """Where every group is, from the launcher's side: the ledger's evidence."""
-
-    def __init__(self, cfg: GroveConfig) -> None:
-        self.eta = cfg.buffer.max_staleness
-        self.buffer = TrajectoryBuffer(self.eta)
-        self.ledger = Ledger()
-        self.running: dict[str, int] = {}  # group id -> start version, for groups generating
-        self.partial_pool: list[Group] = []  # APRIL: unfinished groups waiting to resume
-        self.was_partial: set[str] = set()
-        self.filtered_in_a_row = 0
-
-    def absorb(self, collected, dynamic_sampling: bool, max_filtered: int) -> None:
-        """File what the worker handed over under the right state and count it."""
-        for group in collected.groups:
-            self.running.pop(group.group_id)
-            self.ledger.finished += 1
-            if dynamic_sampling and len(set(group.rewards)) == 1:
-                self.ledger.filtered += 1
-                self.filtered_in_a_row += 1
-                if self.filtered_in_a_row > max_filtered:
-                    raise RuntimeError(
-                        f"dynamic sampling filtered {self.filtered_in_a_row} groups in a row (every response "
-                        "in each scored the same): the task is too easy or too hard for this policy. Lower "
-                        "the difficulty, raise algorithm.max_num_gen_batches, or set algorithm.dynamic_sampling=false."
-                    )
-                continue
-            self.filtered_in_a_row = 0
-            self.buffer.put(group)
-        for group_id in collected.dropped:
-            self.running.pop(group_id)
-            self.ledger.dropped_by_reward += 1
-        for group in collected.partial:
-            self.running.pop(group.group_id)
-            self.partial_pool.append(group)
-            self.was_partial.add(group.group_id)
-            self.ledger.partial += 1
-
-    def summary(self, cancelled: int) -> dict[str, int]:
-        return {**self.ledger.as_dict(), "unfinished_at_exit": cancelled, "buffered_at_exit": len(self.buffer),
-                "partial_at_exit": len(self.partial_pool),
-                "lost": self.ledger.lost(cancelled, len(self.buffer), len(self.partial_pool))}
-
-
 def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: MetricsLogger,
              eval_rows: list[dict]) -> tuple[int, dict[str, int]]:
     """The asynchronous loop from the module docstring; returns (versions, ledger)."""
     import ray
 
-    batch_groups, total = cfg.trainer.batch_groups, cfg.trainer.total_steps
-    april = cfg.rollout.overprovision > 1
+    total = cfg.trainer.total_steps
     algo = cfg.algorithm
-    max_filtered = algo.max_num_gen_batches * batch_groups
     pool = PromptPool(data.train, cfg.rollout.n_samples, seed=cfg.seed, prompt_key=cfg.task.prompt_key)
-    gate = StalenessManager(batch_groups, cfg.buffer.max_staleness)
-    state = LoopState(cfg)
-    ledger = state.ledger
+    sched = RolloutScheduler(cfg.trainer.batch_groups, cfg.buffer.max_staleness, cfg.rollout.overprovision,
+                             algo.dynamic_sampling, algo.max_num_gen_batches)
+    ledger = sched.ledger
     version = 0  # trainer's
     synced = 0  # the worker's: admission follows the weights rollouts actually use
     collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
@@ -206,42 +159,29 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     trainer_idle, trainer_idle_since = 0.0, loop_start
 
     while version < total or sync_ref is not None or eval_ref is not None:
-        if version < total and state.partial_pool and synced == version:
-            # APRIL: unfinished groups resume first, on the new weights, before new prompts
-            mask_before = synced - state.eta
-            for group in state.partial_pool:
-                group.start_version = max(group.start_version, mask_before)
-                state.running[group.group_id] = group.start_version
-            worker.resume.remote(state.partial_pool, mask_before)
-            ledger.resumed += len(state.partial_pool)
-            state.partial_pool = []
-        if version < total and not state.partial_pool:
-            if april:  # keep overprovision x B groups in flight, once the new weights are in
-                capacity = int(cfg.rollout.overprovision * batch_groups) - len(state.running) if synced == version else 0
-            else:
-                capacity = gate.capacity(synced, ledger.started - ledger.retired)
+        if version < total:
+            resume, _ = sched.partials_to_resume(version, synced)
+            if resume:
+                worker.resume.remote(resume)
+            capacity = sched.capacity(version, synced)
             if capacity > 0:
                 items = pool.next(capacity, version=synced)
-                state.running.update((item.group_id, synced) for item in items)
+                sched.started([item.group_id for item in items], synced)
                 worker.submit.remote(items)
-                ledger.started += capacity
         if train_ref is None and version < total:
-            # APRIL re-bases what it interrupts, so only AReaL-admitted groups bind the schedule.
-            binding = () if april else state.running.values()
-            batch = state.buffer.get(batch_groups, version, binding)
+            batch = sched.next_batch(version)
             if batch is not None:
-                if april:
+                if sched.april:
                     worker.interrupt_groups.remote()  # the rest comes back as partial groups
                 train_ref = trainer.train_step.remote(batch)
-                ledger.consumed += len(batch)
                 batch_ages = [version - g.start_version for g in batch]
-                partial_ratio = sum(g.group_id in state.was_partial for g in batch) / len(batch)
-                state.was_partial.difference_update(g.group_id for g in batch)
+                partial_ratio = sched.partial_ratio(batch)
                 trainer_idle += time.perf_counter() - trainer_idle_since
         pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
         ready, _ = ray.wait(pending, num_returns=1)
         if collect_ref in ready:
-            state.absorb(ray.get(collect_ref), algo.dynamic_sampling, max_filtered)
+            got = ray.get(collect_ref)
+            sched.absorb(got.groups, got.dropped, got.partial)
             collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
         if train_ref is not None and train_ref in ready:
             step_metrics = ray.get(train_ref)
@@ -273,8 +213,8 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
                 "batch/partial_ratio": partial_ratio,
                 "staleness/group_age_max": float(max(batch_ages)),
                 "staleness/group_age_mean": sum(batch_ages) / len(batch_ages),
-                "buffer/groups": float(len(state.buffer)),
-                "buffer/partial_groups": float(len(state.partial_pool)),
+                "buffer/groups": float(len(sched.buffer)),
+                "buffer/partial_groups": float(len(sched.partial_pool)),
                 **{f"ledger/{k}": float(v) for k, v in ledger.as_dict().items()},
             }
             last_stats, last_time = stats, now
@@ -294,14 +234,16 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             logger.progress(f"step {version}: held-out accuracy {result['eval/accuracy']:.3f}")
 
     cancelled = ray.get(worker.stop_generation.remote())  # in-flight groups, cancelled at exit
+    sched.dynamic_sampling = False  # at exit, file everything as it is
     for ref in (collect_ref, worker.collect.remote()):
-        state.absorb(ray.get(ref), algo.dynamic_sampling, max_filtered=10**9)
-    if cancelled != len(state.running):
-        raise RuntimeError(f"worker cancelled {cancelled} groups but the launcher counts {len(state.running)} running")
+        got = ray.get(ref)
+        sched.absorb(got.groups, got.dropped, got.partial)
+    if cancelled != len(sched.running):
+        raise RuntimeError(f"worker cancelled {cancelled} groups but the launcher counts {len(sched.running)} running")
     stats = ray.get(worker.stats.remote())
     ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])
     wall = time.perf_counter() - loop_start
-    summary = state.summary(cancelled)
+    summary = sched.summary(cancelled)
     logger.log(version, {"run/rollout_idle_ratio": 1 - (stats["rollout/busy_s"] - first_stats["rollout/busy_s"]) / wall,
                          "run/trainer_idle_ratio": trainer_idle / wall, "run/loop_s": wall,
                          **{f"ledger/{k}": float(v) for k, v in summary.items()}})

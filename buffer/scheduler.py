@@ -1,0 +1,140 @@
+"""The launcher's bookkeeping as one pure class: what to start, what to resume, what to train.
+
+`trainer/launcher.py` only moves data between the Ray actors; every decision about
+groups is made here, so the property tests drive exactly the code a run uses:
+
+- admission: AReaL's rule (`StalenessManager`), or, with APRIL over-provisioning, a fixed
+  number of groups in flight once the new weights are in;
+- batches: `TrajectoryBuffer.get`, which schedules by deadline so no trained token is
+  older than η;
+- partial groups (APRIL): handed back unfinished, resumed first after the next weight
+  sync, with tokens older than η masked out of the loss (they stay as context);
+- the ledger, which must balance at every moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from buffer.buffer import Ledger, StalenessManager, TrajectoryBuffer
+from buffer.types import Group
+
+
+def mask_stale_tokens(group: Group, before_version: int) -> int:
+    """Take tokens older than `before_version` out of the loss; returns how many."""
+    masked = 0
+    for traj in group.trajectories:
+        new_mask = [0 if v < before_version else m for v, m in zip(traj.versions, traj.loss_mask)]
+        masked += sum(traj.loss_mask) - sum(new_mask)
+        traj.loss_mask = new_mask
+    return masked
+
+
+class FilteredTooOftenError(RuntimeError):
+    """DAPO's dynamic sampling found nothing to learn from for too long."""
+
+
+class RolloutScheduler:
+    def __init__(self, batch_groups: int, max_staleness: int, overprovision: float = 1.0,
+                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10) -> None:
+        self.batch_groups = batch_groups
+        self.eta = max_staleness
+        self.april = overprovision > 1
+        self.in_flight_target = int(overprovision * batch_groups)
+        self.dynamic_sampling = dynamic_sampling
+        self.max_filtered = max_num_gen_batches * batch_groups
+        self.gate = StalenessManager(batch_groups, max_staleness)
+        self.buffer = TrajectoryBuffer(max_staleness)
+        self.ledger = Ledger()
+        self.running: dict[str, int] = {}  # group id -> start version, for groups generating
+        self.partial_pool: list[Group] = []
+        self.was_partial: set[str] = set()
+        self.filtered_in_a_row = 0
+
+    # -- what to generate ----------------------------------------------------------------
+    def partials_to_resume(self, version: int, synced: int) -> tuple[list[Group], int]:
+        """Partial groups to resume now (only once the worker has this version's weights),
+        and the version before which their tokens leave the loss."""
+        if not self.partial_pool or synced != version:
+            return [], 0
+        mask_before = synced - self.eta
+        groups, self.partial_pool = self.partial_pool, []
+        for group in groups:
+            self.ledger.masked_tokens += mask_stale_tokens(group, mask_before)
+            group.start_version = max(group.start_version, mask_before)
+            self.running[group.group_id] = group.start_version
+        self.ledger.resumed += len(groups)
+        return groups, mask_before
+
+    def capacity(self, version: int, synced: int) -> int:
+        """How many new groups may start now."""
+        if self.partial_pool:
+            return 0  # partial groups go first
+        if self.april:
+            return max(0, self.in_flight_target - len(self.running)) if synced == version else 0
+        return self.gate.capacity(synced, self.ledger.started - self.ledger.retired)
+
+    def started(self, group_ids: Iterable[str], start_version: int) -> None:
+        for group_id in group_ids:
+            self.running[group_id] = start_version
+            self.ledger.started += 1
+
+    # -- what came back ----------------------------------------------------------------
+    def absorb(self, groups: list[Group], dropped: list[str], partial: list[Group]) -> None:
+        """File what the worker handed over under the right state and count it."""
+        for group in groups:
+            self.running.pop(group.group_id)
+            self.ledger.finished += 1
+            if self.dynamic_sampling and len(set(group.rewards)) == 1:
+                self.ledger.filtered += 1
+                self.filtered_in_a_row += 1
+                if self.filtered_in_a_row > self.max_filtered:
+                    raise FilteredTooOftenError(
+                        f"dynamic sampling filtered {self.filtered_in_a_row} groups in a row (every response "
+                        "in each scored the same): the task is too easy or too hard for this policy. Lower "
+                        "the difficulty, raise algorithm.max_num_gen_batches, or set algorithm.dynamic_sampling=false."
+                    )
+                continue
+            self.filtered_in_a_row = 0
+            self.buffer.put(group)
+        for group_id in dropped:
+            self.running.pop(group_id)
+            self.ledger.dropped_by_reward += 1
+        for group in partial:
+            self.running.pop(group.group_id)
+            self.partial_pool.append(group)
+            self.was_partial.add(group.group_id)
+            self.ledger.partial += 1
+
+    # -- what to train ---------------------------------------------------------------
+    def next_batch(self, version: int) -> list[Group] | None:
+        """A batch for the trainer at `version`, or None to wait. Under APRIL the caller
+        then interrupts everything still generating."""
+        binding: Iterable[int] = self.running.values()
+        if self.april:
+            # APRIL re-bases what it interrupts, so running groups do not bind the schedule;
+            # the few that escaped an interrupt (already being scored) keep their newer
+            # tokens for training and their older ones as context only.
+            binding = ()
+            floor = version - self.eta
+            for group in self.buffer.groups():
+                if group.start_version < floor:
+                    self.ledger.masked_tokens += mask_stale_tokens(group, floor)
+                    group.start_version = floor
+        batch = self.buffer.get(self.batch_groups, version, binding)
+        if batch is not None:
+            self.ledger.consumed += len(batch)
+        return batch
+
+    def partial_ratio(self, batch: list[Group]) -> float:
+        ratio = sum(g.group_id in self.was_partial for g in batch) / len(batch)
+        self.was_partial.difference_update(g.group_id for g in batch)
+        return ratio
+
+    def lost(self, cancelled: int | None = None) -> int:
+        running = len(self.running) if cancelled is None else cancelled
+        return self.ledger.lost(running, len(self.buffer), len(self.partial_pool))
+
+    def summary(self, cancelled: int) -> dict[str, int]:
+        return {**self.ledger.as_dict(), "unfinished_at_exit": cancelled, "buffered_at_exit": len(self.buffer),
+                "partial_at_exit": len(self.partial_pool), "lost": self.lost(cancelled)}
