@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from buffer.prompts import PromptItem
@@ -74,10 +75,6 @@ class Collected:
     groups: list[Group]  # finished and scored
     dropped: list[str]  # ids of groups a reward failure policy dropped
     partial: list[Group]  # interrupted by `interrupt_groups`, to resume later
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
 
 
 class RolloutWorker:
@@ -182,7 +179,7 @@ class RolloutWorker:
         """Long-tail groups, picked by a hash of the group id so a resumed group keeps its length."""
         if not self.cfg.long_tail_fraction:
             return 0
-        draw = int(group.group_id[:8], 16) / 16**8 if _is_hex(group.group_id[:8]) else 1.0
+        draw = zlib.crc32(group.group_id.encode()) / 2**32
         return self.cfg.long_tail_min_tokens if draw < self.cfg.long_tail_fraction else 0
 
     async def _run_group(self, group: Group) -> None:

@@ -11,23 +11,26 @@ from buffer.prompts import PromptItem
 from buffer.types import FinishReason
 from rewards.runner import RewardConfig
 from rollout.worker import RolloutConfig, RolloutWorker
-from trainer.policy_trainer import token_logprobs
 
 pytestmark = pytest.mark.integration
 ROW = {"prompt": "12+34=", "answer": "46"}
 
 
-def logprobs_under(model, prompt_ids, response_ids):
+def logprobs_under(model, prompt_ids, response_ids, eos_id: int = 1):
+    """The engine samples these long responses with min_tokens, i.e. with EOS masked out
+    and the rest renormalised; the reference applies the same processing."""
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
-        return token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:].tolist()
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logits[:, eos_id] = float("-inf")
+        logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, torch.tensor(response_ids).unsqueeze(-1)).squeeze(-1).tolist()
 
 
-async def generate_across_an_update(worker, trainer, group_id: str):
+async def generate_across_an_update(worker, payload: bytes, group_id: str):
     await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id=group_id)])
-    while worker.stats()["rollout/tokens_generated"] < 6:  # both samples well under way
-        await asyncio.sleep(0.001)
-    payload = await asyncio.to_thread(trainer.export_weights)
+    while worker.stats()["rollout/tokens_generated"] < 4:  # both samples under way
+        await asyncio.sleep(0)
     sync = await worker.update_weights(payload, worker.version + 1)
     got = await worker.collect(min_groups=1, timeout_s=60)
     return sync, got.groups[0]
@@ -36,7 +39,7 @@ async def generate_across_an_update(worker, trainer, group_id: str):
 @pytest.fixture(scope="module")
 def make_worker(model_path, engine, loop_thread):
     def make(on_update: str) -> RolloutWorker:
-        cfg = RolloutConfig(max_tokens=40, long_tail_fraction=1.0, long_tail_min_tokens=40, on_update=on_update)
+        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update=on_update)
         worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
         loop_thread.run(worker.astart())
         return worker
@@ -51,16 +54,16 @@ def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logp
     group = _one_step_then_generate(worker, trainer, loop_thread, "g-int")
     prompt_ids = group.trajectories[0].prompt_ids
     for traj in group.trajectories:
-        assert traj.finish_reason is FinishReason.LENGTH and traj.num_response_tokens == 40
+        assert traj.finish_reason is FinishReason.LENGTH and traj.num_response_tokens == 56
         v0 = worker.version - 1
         assert traj.versions == sorted(traj.versions) and set(traj.versions) == {v0, v0 + 1}
         cut = traj.versions.index(v0 + 1)
-        assert 0 < cut < 40
+        assert 0 < cut < 56
         old = logprobs_under(before, prompt_ids, traj.response_ids)
         new = logprobs_under(trainer.engine.module, prompt_ids, traj.response_ids)
         assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[:cut], old[:cut])) < 1e-4
         assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[cut:], new[cut:])) < 1e-4
-        assert traj.loss_mask == [1] * 40
+        assert traj.loss_mask == [1] * 56
     assert worker.counts["samples_interrupted"] >= 2
 
 
@@ -76,8 +79,8 @@ def _one_step_then_generate(worker, trainer, loop_thread, group_id):
         g.trajectories.append(t)
     trainer.train_step([g])
     worker.version = trainer.version - 1  # the engine still holds the previous weights
-    sync, group = loop_thread.run(generate_across_an_update(worker, trainer, group_id))
-    assert sync["requests_interrupted"] >= 1
+    sync, group = loop_thread.run(generate_across_an_update(worker, trainer.export_weights(), group_id))
+    assert (sync["requests_interrupted"] >= 1) == (worker.cfg.on_update != "wait")
     return group
 
 
@@ -86,12 +89,12 @@ def test_mask_mode_keeps_old_tokens_as_context_only(make_worker, trainer, loop_t
     group = _one_step_then_generate(worker, trainer, loop_thread, "g-mask")
     for traj in group.trajectories:
         cut = traj.versions.index(max(traj.versions))
-        assert traj.loss_mask == [0] * cut + [1] * (40 - cut)
+        assert 0 < cut and traj.loss_mask == [0] * cut + [1] * (56 - cut)
 
 
 def test_wait_mode_lets_requests_finish_on_the_old_weights(make_worker, trainer, loop_thread):
     worker = make_worker("wait")
     group = _one_step_then_generate(worker, trainer, loop_thread, "g-wait")
     for traj in group.trajectories:
-        assert len(set(traj.versions)) == 1 and traj.num_response_tokens == 40
+        assert len(set(traj.versions)) == 1 and traj.num_response_tokens == 56
     assert worker.counts["samples_interrupted"] == 0
