@@ -25,7 +25,7 @@ from buffer.types import Group
 class TrainerConfig:
     """Optimisation settings; the batch is `batch_groups` groups of rollout.n_samples each."""
 
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -33,7 +33,7 @@ class TrainerConfig:
     zero_stage: int = 1
     bf16: bool = False
     batch_groups: int = 32
-    total_steps: int = 400
+    total_steps: int = 500
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
     num_threads: int = 1

@@ -42,7 +42,14 @@ def test_short_run_completes_and_records_several_policy_versions(tmp_path, model
     assert float(match.group(1)) == pytest.approx(evals[0]["eval/accuracy"], abs=1e-4)
     assert "ledger: {" in out.stderr and "'lost': 0" in out.stderr
     assert (run_dir / "config.yaml").read_text().startswith("model:")
-    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B should run offline without an API key"
+    for key in ("staleness/group_age_max", "staleness/token_age_mean", "rollout/idle_ratio", "trainer/idle_ratio",
+                "batch/partial_ratio", "loss/is_weight_mean", "loss/mismatch_kl", "ledger/started"):
+        assert all(key in r for r in steps), key
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline, "W&B should run offline without an API key"
+    logged = offline[0].read_bytes()  # W&B's record log keeps metric names as plain strings
+    for key in (b"staleness/group_age_max", b"rollout/idle_ratio", b"trainer/idle_ratio", b"eval/accuracy"):
+        assert key in logged, key
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final_model").config.model_type == "qwen2"
