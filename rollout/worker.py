@@ -112,6 +112,7 @@ class RolloutWorker:
         self._gate.set()
         self._idle = asyncio.Event()  # no request is generating
         self._idle.set()
+        self._update_lock = asyncio.Lock()  # updates apply one at a time, in the order sent
         seconds = 0.0 if self.engine.started else await self.engine.astart()
         # The first request with logprobs compiles a sampler kernel; pay for it now.
         start = time.perf_counter()
@@ -307,6 +308,10 @@ class RolloutWorker:
     async def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
         """Load the trainer's weights for `version` (see the module docstring for what
         happens to requests in flight)."""
+        async with self._update_lock:
+            return await self._update_weights(payload, version)
+
+    async def _update_weights(self, payload: bytes, version: int) -> dict[str, float]:
         if version <= self.version:
             raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
         start = time.perf_counter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,18 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
             ray.shutdown()
 
 
+@dataclass
+class PendingSync:
+    """A weight push on its way to the rollout worker, with the step it came from."""
+
+    ref: object
+    version: int
+    step_metrics: dict[str, float]
+    batch_ages: list[int]
+    partial_ratio: float
+    started: float
+
+
 def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: MetricsLogger,
              eval_rows: list[dict]) -> tuple[int, dict[str, int]]:
     """The asynchronous loop from the module docstring; returns (versions, ledger)."""
@@ -149,16 +162,15 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     version = 0  # trainer's
     synced = 0  # the worker's: admission follows the weights rollouts actually use
     collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
-    train_ref = sync_ref = eval_ref = None
-    step_metrics: dict[str, float] = {}
+    train_ref = eval_ref = None
+    syncs: deque[PendingSync] = deque()  # weight pushes in flight, oldest first
     batch_ages: list[int] = []
     partial_ratio = 0.0
-    sync_started = 0.0
     loop_start = last_time = time.perf_counter()
     first_stats = last_stats = ray.get(worker.stats.remote())
     trainer_idle, trainer_idle_since = 0.0, loop_start
 
-    while version < total or sync_ref is not None or eval_ref is not None:
+    while version < total or syncs or eval_ref is not None:
         if version < total:
             resume, _ = sched.partials_to_resume(version, synced)
             if resume:
@@ -177,6 +189,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
                 batch_ages = [version - g.start_version for g in batch]
                 partial_ratio = sched.partial_ratio(batch)
                 trainer_idle += time.perf_counter() - trainer_idle_since
+        sync_ref = syncs[0].ref if syncs else None
         pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
         ready, _ = ray.wait(pending, num_returns=1)
         if collect_ref in ready:
@@ -188,41 +201,41 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             train_ref = None
             trainer_idle_since = time.perf_counter()
             version += 1
-            sync_started = time.perf_counter()
-            sync_ref = worker.update_weights.remote(trainer.export_weights.remote(), version)
+            ref = worker.update_weights.remote(trainer.export_weights.remote(), version)
+            syncs.append(PendingSync(ref, version, step_metrics, batch_ages, partial_ratio, time.perf_counter()))
         if sync_ref is not None and sync_ref in ready:
-            sync = ray.get(sync_ref)
-            sync_ref = None
-            synced = version
+            done = syncs.popleft()
+            sync = ray.get(done.ref)
+            synced = done.version
             stats = ray.get(worker.stats.remote())
             now = time.perf_counter()
             ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])
             wall = max(now - last_time, 1e-9)
             metrics = {
-                **step_metrics,
+                **done.step_metrics,
                 **stats,
                 "weight_sync/apply_s": sync["weight_sync_apply_s"],
                 "weight_sync/drain_s": sync["weight_sync_drain_s"],
                 "weight_sync/load_s": sync["weight_sync_load_s"],
-                "weight_sync/total_s": now - sync_started,
+                "weight_sync/total_s": now - done.started,
                 "weight_sync/bytes": float(sync["weight_bytes"]),
                 "rollout/requests_interrupted": float(sync["requests_interrupted"]),
                 "rollout/tokens_per_s": (stats["rollout/tokens_generated"] - last_stats["rollout/tokens_generated"]) / wall,
                 "rollout/idle_ratio": 1.0 - (stats["rollout/busy_s"] - last_stats["rollout/busy_s"]) / wall,
                 "trainer/idle_ratio": trainer_idle / max(now - loop_start, 1e-9),
-                "batch/partial_ratio": partial_ratio,
-                "staleness/group_age_max": float(max(batch_ages)),
-                "staleness/group_age_mean": sum(batch_ages) / len(batch_ages),
+                "batch/partial_ratio": done.partial_ratio,
+                "staleness/group_age_max": float(max(done.batch_ages)),
+                "staleness/group_age_mean": sum(done.batch_ages) / len(done.batch_ages),
                 "buffer/groups": float(len(sched.buffer)),
                 "buffer/partial_groups": float(len(sched.partial_pool)),
                 **{f"ledger/{k}": float(v) for k, v in ledger.as_dict().items()},
             }
             last_stats, last_time = stats, now
-            if cfg.eval.every_steps and version % cfg.eval.every_steps == 0 and version < total:
+            if cfg.eval.every_steps and done.version % cfg.eval.every_steps == 0 and done.version < total:
                 eval_ref = worker.evaluate.remote(eval_rows)
-            logger.log(version, metrics, histograms={"staleness/group_age_hist": batch_ages})
+            logger.log(done.version, metrics, histograms={"staleness/group_age_hist": done.batch_ages})
             logger.progress(
-                f"step {version}/{total}  reward={metrics['train/reward_mean']:.3f}  "
+                f"step {done.version}/{total}  reward={metrics['train/reward_mean']:.3f}  "
                 f"loss={metrics['train/loss']:+.4f}  rollout_tok/s={metrics['rollout/tokens_per_s']:.0f}  "
                 f"sync={metrics['weight_sync/total_s'] * 1000:.0f}ms  "
                 f"versions={int(metrics['batch/version_min'])}..{int(metrics['batch/version_max'])}"
