@@ -33,6 +33,10 @@ class TrainerConfig:
     zero_stage: int = 1
     bf16: bool = False
     batch_groups: int = 32
+    # Optimizer updates per batch, each on a slice of its groups. With more than one, the
+    # clip ratio π_θ/π_old binds from the second update on (PPO-style); the policy version
+    # still counts batches, the unit of admission and staleness.
+    minibatches: int = 1
     total_steps: int = 500
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
@@ -43,6 +47,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.batch_groups < 1:
             raise ValueError(f"trainer.batch_groups must be >= 1, got {self.batch_groups}")
+        if not 1 <= self.minibatches <= self.batch_groups:
+            raise ValueError(f"trainer.minibatches must be in [1, trainer.batch_groups={self.batch_groups}], "
+                             f"got {self.minibatches}")
         if self.lr <= 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
 
@@ -198,54 +205,72 @@ class Trainer:
             self.reference.requires_grad_(False)
         return {"trainer_setup_s": time.perf_counter() - start}
 
+    def _forward(self, batch: PackedBatch, rows: slice | torch.Tensor):
+        logprobs, entropy = token_logprobs(self.engine, batch.input_ids[rows], batch.attention_mask[rows],
+                                           self.temperature, with_entropy=True)
+        return logprobs, entropy
+
     def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """One optimizer update on these groups; returns metrics, bumps the version."""
+        """One policy version from these groups: `minibatches` optimizer updates; returns
+        metrics and bumps the version."""
         start = time.perf_counter()
         algo = self.algorithm
         batch = pack_groups(groups, self.tokenizer.pad_token_id)
-        advantages = compute_advantages(batch.rewards, batch.group_index, algo)
         self.engine.train()
-        logprobs, entropy = token_logprobs(self.engine, batch.input_ids, batch.attention_mask,
-                                           self.temperature, with_entropy=True)
-        ref_logprobs = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logprobs = token_logprobs(self.reference, batch.input_ids, batch.attention_mask, self.temperature)
-        # π_old of the clip ratio. Decoupled PPO (AReaL): the proximal policy is this
-        # trainer's weights before the update, which is exactly this forward pass (one
-        # update per batch), or its log-linear approximation from the version stamps.
-        if not algo.decoupled:
-            old = batch.behaviour_logprobs
-        elif algo.prox_mode == "recompute":
-            old = logprobs.detach()
-        else:
-            old = None
-        out = compute_policy_loss(
-            PolicyLossInputs(
-                logprobs=logprobs,
-                old_logprobs=old,
-                advantages=advantages,
-                loss_mask=batch.loss_mask,
-                behav_logprobs=batch.behaviour_logprobs,
-                ref_logprobs=ref_logprobs,
-                entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
-                versions=batch.versions.clamp(min=0),
-                current_version=self.version,
-            ),
-            algo,
-        )
-        self.engine.backward(out.loss)
-        self.engine.step()
+        mask = batch.loss_mask
+        recompute = algo.decoupled and algo.prox_mode == "recompute"
+        # π_prox of decoupled PPO (AReaL) is these weights before this step's updates. With
+        # one update per batch that is the gradient pass itself, so no extra forward is paid.
+        prox = ref = None
+        with torch.no_grad():
+            if algo.novelty_sharpening or (recompute and self.cfg.minibatches > 1):
+                prox = token_logprobs(self.engine, batch.input_ids, batch.attention_mask, self.temperature)
+            if self.reference is not None:
+                ref = token_logprobs(self.reference, batch.input_ids, batch.attention_mask, self.temperature)
+        seq_mean = None
+        if algo.novelty_sharpening:  # XRPO scores novelty by the response's mean logprob
+            seq_mean = (prox * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        advantages = compute_advantages(batch.rewards, batch.group_index, algo, seq_mean_logprobs=seq_mean)
+        metrics_sum: dict[str, float] = {}
+        losses = []
+        for rows in torch.arange(len(groups)).chunk(self.cfg.minibatches):
+            rows = torch.isin(batch.group_index, rows)
+            logprobs, entropy = self._forward(batch, rows)
+            if not algo.decoupled:
+                old = batch.behaviour_logprobs[rows]
+            elif recompute:
+                old = prox[rows] if prox is not None else logprobs.detach()
+            else:
+                old = None  # log-linear approximation from the version stamps
+            out = compute_policy_loss(
+                PolicyLossInputs(
+                    logprobs=logprobs,
+                    old_logprobs=old,
+                    advantages=advantages[rows],
+                    loss_mask=mask[rows],
+                    behav_logprobs=batch.behaviour_logprobs[rows],
+                    ref_logprobs=None if ref is None else ref[rows],
+                    entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
+                    versions=batch.versions[rows].clamp(min=0),
+                    current_version=self.version,
+                ),
+                algo,
+            )
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(float(out.loss.detach()))
+            for key, value in out.metrics.items():
+                metrics_sum[key] = metrics_sum.get(key, 0.0) + float(value) / self.cfg.minibatches
         stats = batch_statistics(batch, advantages, self.version)
         self.version += 1
         seconds = time.perf_counter() - start
         self._busy_seconds += seconds
         token_versions = batch.versions[batch.versions >= 0]
-        metrics = {f"loss/{k}": float(v) for k, v in out.metrics.items()}
+        metrics = {f"loss/{k}": v for k, v in metrics_sum.items()}
         metrics.update(stats)
         metrics.update(
             {
-                "train/loss": float(out.loss.detach()),
+                "train/loss": sum(losses) / len(losses),
                 "train/reward_mean": float(batch.rewards.mean()),
                 "train/num_trajectories": float(len(batch.rewards)),
                 "train/num_tokens": float(batch.num_tokens),

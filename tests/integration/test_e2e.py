@@ -85,3 +85,36 @@ def test_a_reward_with_a_wrong_signature_fails_before_any_engine_starts(tmp_path
     assert out.returncode == 2
     assert "grove: error: reward:" in out.stderr and "score" in out.stderr and "completion" in out.stderr
     assert "engines ready" not in out.stderr
+
+
+FAULTY_REWARD = '''import math, os, time
+
+def faulty(response, answer, **kwargs):
+    """Fails in every way a reward can, depending on the response's last character."""
+    last = response[-1:] or "x"
+    if last == "1":
+        raise ValueError("boom")
+    if last == "2":
+        return math.nan
+    if last == "3":
+        time.sleep(30)
+    if last == "4":
+        return "not a number"
+    if last == "5":
+        os._exit(3)
+    return 1.0 if response.strip() == str(answer) else 0.0
+'''
+
+
+def test_faulty_rewards_are_counted_by_kind_and_training_goes_on(tmp_path, model_path):
+    (tmp_path / "faulty.py").write_text(FAULTY_REWARD)
+    out = grove([f"reward.functions=[{{fn: {tmp_path}/faulty.py:faulty}}]", "reward.timeout_s=0.5",
+                 "trainer.total_steps=3", "trainer.batch_groups=8", "eval.every_steps=0", "eval.max_rows=40",
+                 "logger=none", "run_name=faulty"], tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = [json.loads(l) for l in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "train/loss" in r][-1]
+    assert last["step"] == 3
+    for kind in ("exception", "nan", "timeout", "not_a_number", "crashed"):
+        assert last[f"reward/failures/{kind}"] > 0, kind
+    assert last["reward/worker_restarts"] > 0

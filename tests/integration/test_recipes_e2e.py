@@ -1,7 +1,4 @@
-"""Each recipe trains end to end through the real CLI; xrpo is refused before any engine starts.
-
-(Not named test_recipes.py: tests/ has no __init__.py, so pytest cannot collect two test
-files with the same basename, and tests/unit/test_recipes.py has that name.)"""
+"""Each recipe trains end to end through the real CLI; xrpo is refused before any engine starts."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import time
 
 import pytest
 
-from test_e2e import LAST_LINE, grove  # pytest puts tests/integration on sys.path
+from tests.integration.test_e2e import LAST_LINE, grove
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
