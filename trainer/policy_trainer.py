@@ -265,7 +265,9 @@ class Trainer:
         self.version += 1
         seconds = time.perf_counter() - start
         self._busy_seconds += seconds
-        token_versions = batch.versions[batch.versions >= 0]
+        token_versions = batch.versions[batch.loss_mask > 0]  # trained tokens: what η bounds
+        if token_versions.numel() == 0:
+            token_versions = batch.versions[batch.versions >= 0]
         metrics = {f"loss/{k}": v for k, v in metrics_sum.items()}
         metrics.update(stats)
         metrics.update(
@@ -281,6 +283,7 @@ class Trainer:
                 "batch/version_min": float(token_versions.min()),
                 "batch/version_max": float(token_versions.max()),
                 "batch/age_max": float(self.version - 1 - token_versions.min()),
+                "batch/context_age_max": float(self.version - 1 - batch.versions[batch.versions >= 0].min()),
             }
         )
         return metrics
