@@ -50,12 +50,19 @@ class RolloutScheduler:
         self.partial_pool: list[Group] = []
         self.was_partial: set[str] = set()
         self.filtered_in_a_row = 0
+        self.batch_taken = -1  # the last version a batch was handed out for
+
+    def generation_open(self, version: int, synced: int) -> bool:
+        """New segments start only on the current weights; under APRIL (synchronous with
+        over-provisioning) also only until this version's batch is taken: the unfinished
+        groups then wait for the next version's weights instead of resuming on the old ones."""
+        return synced == version and (not self.april or self.batch_taken < version)
 
     # -- what to generate ----------------------------------------------------------------
     def partials_to_resume(self, version: int, synced: int) -> tuple[list[Group], int]:
         """Partial groups to resume now (only once the worker has this version's weights),
         and the version before which their tokens leave the loss."""
-        if not self.partial_pool or synced != version:
+        if not self.partial_pool or not self.generation_open(version, synced):
             return [], 0
         mask_before = synced - self.eta
         groups, self.partial_pool = self.partial_pool, []
@@ -71,7 +78,9 @@ class RolloutScheduler:
         if self.partial_pool:
             return 0  # partial groups go first
         if self.april:
-            return max(0, self.in_flight_target - len(self.running)) if synced == version else 0
+            if not self.generation_open(version, synced):
+                return 0
+            return max(0, self.in_flight_target - len(self.running) - len(self.buffer))
         return self.gate.capacity(synced, self.ledger.started - self.ledger.retired)
 
     def started(self, group_ids: Iterable[str], start_version: int) -> None:
@@ -124,6 +133,7 @@ class RolloutScheduler:
         batch = self.buffer.get(self.batch_groups, version, binding)
         if batch is not None:
             self.ledger.consumed += len(batch)
+            self.batch_taken = version
         return batch
 
     def partial_ratio(self, batch: list[Group]) -> float:

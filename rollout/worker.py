@@ -21,6 +21,7 @@ The class is plain: tests drive it in-process, the launcher wraps it as a Ray ac
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class RolloutWorker:
         self.cfg = rollout
         self.reward_cfg = reward
         self.reward_cwd = reward_cwd  # where relative reward paths resolve: the launch directory
+        if engine is None and rollout.engine.cpu_cores is not None:
+            # the whole rollout stack (this actor, vLLM's engine-core and worker processes,
+            # the reward workers) inherits the engine's core, as the trainer keeps to its own
+            cores = {int(c) for c in str(rollout.engine.cpu_cores).split(",")}
+            for tid in os.listdir("/proc/self/task"):  # every thread; threads and processes started later inherit
+                os.sched_setaffinity(int(tid), cores)
         self.engine = engine or VLLMEngine(model_path, rollout.engine)  # tests share one engine
         self.version = 0
         self._tasks: set[asyncio.Task] = set()
@@ -93,6 +100,7 @@ class RolloutWorker:
         self._active: dict[str, str | None] = {}  # running request id -> abort reason
         self._interrupts = 0  # bumped by interrupt_groups; groups started before it hand back
         self._error: BaseException | None = None
+        self._stopped = False
         self.counts = dict.fromkeys(
             ("groups_started", "groups_finished", "groups_dropped", "groups_cancelled", "groups_partial",
              "groups_resumed", "samples_interrupted"), 0)
@@ -126,6 +134,8 @@ class RolloutWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopped = True  # nothing more will arrive: a waiting `collect` returns now
+        self._changed.set()
         return len(tasks)
 
     async def ashutdown(self) -> None:
@@ -289,7 +299,8 @@ class RolloutWorker:
         """Hand over finished, dropped and partial groups; wait up to `timeout_s` until
         there are at least `min_groups` of them."""
         deadline = time.perf_counter() + timeout_s
-        while self._error is None and len(self._finished) + len(self._dropped) + len(self._partial) < min_groups:
+        while (self._error is None and not self._stopped
+               and len(self._finished) + len(self._dropped) + len(self._partial) < min_groups):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break

@@ -1,0 +1,524 @@
+"""Synchronous vs APRIL vs asynchronous training on one long-tail workload, same cores.
+
+    python scripts/bench_async.py --quick        # 30 steps per mode, < 5 min including every start-up
+    python scripts/bench_async.py                # 100 steps per mode, steadier numbers (~4 min)
+
+One invocation measures, one after the other on the same two cores:
+
+1. the bounds, in one Ray session (`start_actors`):
+   - rollout-only: the rollout worker generates steps x B groups of the workload, all
+     submitted at once (no admission limit, no training, no weight updates);
+   - train-only: `Trainer.train_step` on those already generated groups, B per call,
+     all calls queued back to back (the trainer never waits for data);
+2. three full training runs through `trainer.launcher.train` (each starts and stops its
+   own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
+   - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
+   - sync+april: buffer.max_staleness=1, rollout.on_update=wait, rollout.overprovision=2 (APRIL; refused at
+                 eta=0: a group interrupted at version v resumes at v+1, so its tokens
+                 cross a version)
+   - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt
+
+Throughput is trained trajectories per second: consumed groups (ledger) x n_samples over
+the loop's wall time. Pipeline efficiency is the async throughput over the smaller bound.
+Progress goes to stderr; the table and the summary line go to stdout, whose last line is
+
+    bench_async: async_speedup=<x> april_gain=<x> pipeline_efficiency=<x> max_staleness=<k> eta=<eta> lost=<n>
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def say(text: str) -> None:
+    print(f"[bench_async {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- configs ---------------------------------------------------------------------------
+def mode_overrides(eta: int) -> dict[str, list[str]]:
+    return {
+        "sync": ["buffer.max_staleness=0", "rollout.on_update=wait", "rollout.overprovision=1"],
+        "sync+april": ["buffer.max_staleness=1", "rollout.on_update=wait", "rollout.overprovision=2"],
+        "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "rollout.overprovision=1"],
+    }
+
+
+def workload_overrides(args) -> list[str]:
+    return [
+        "logger=none",
+        f"trainer.total_steps={args.steps}",
+        f"trainer.batch_groups={args.batch_groups}",
+        f"rollout.n_samples={args.n_samples}",
+        f"rollout.max_tokens={args.max_tokens}",
+        f"rollout.long_tail_fraction={args.long_tail_fraction}",
+        f"rollout.long_tail_min_tokens={args.long_tail_min_tokens}",
+        "eval.every_steps=0",
+        f"eval.max_rows={args.eval_rows}",
+        *args.set,
+    ]
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from trainer.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_object(raw), OmegaConf.to_yaml(raw, resolve=True)
+
+
+# -- bounds ----------------------------------------------------------------------------
+def measure_bounds(cfg, num_groups: int, train_batches: int) -> dict[str, float]:
+    """Rollout-only and train-only throughput (trajectories/s) on this workload."""
+    import ray
+
+    from buffer.prompts import PromptPool
+    from trainer.launcher import preflight, start_actors
+
+    data, model_path = preflight(cfg, say)
+    worker, trainer = start_actors(cfg, model_path)
+    try:
+        setup = ray.get([worker.astart.remote(), trainer.setup.remote()])
+        say(f"bounds: engines ready {setup}")
+        n, batch_groups = cfg.rollout.n_samples, cfg.trainer.batch_groups
+        pool = PromptPool(data.train, n, seed=cfg.seed + 1, prompt_key=cfg.task.prompt_key)
+        items = pool.next(num_groups)
+
+        before = ray.get(worker.stats.remote())
+        cpu_a = cpu_snapshot()
+        start = time.perf_counter()
+        ray.get(worker.submit.remote(items))
+        groups = []
+        while len(groups) < num_groups:
+            got = ray.get(worker.collect.remote(min_groups=num_groups - len(groups), timeout_s=60.0))
+            if got.dropped or got.partial:
+                raise RuntimeError(f"rollout-only: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
+            groups.extend(got.groups)
+        rollout_s = time.perf_counter() - start
+        rollout_cpu = cpu_share(cpu_a, cpu_snapshot())
+        after = ray.get(worker.stats.remote())
+        tokens = after["rollout/tokens_generated"] - before["rollout/tokens_generated"]
+        lengths = [t.num_response_tokens for g in groups for t in g.trajectories]
+        long_groups = sum(min(t.num_response_tokens for t in g.trajectories) >= cfg.rollout.long_tail_min_tokens
+                          for g in groups) if cfg.rollout.long_tail_min_tokens else 0
+        say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
+            f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
+
+        batches = [groups[i * batch_groups:(i + 1) * batch_groups] for i in range(len(groups) // batch_groups)]
+        batches = (batches * math.ceil(train_batches / max(len(batches), 1)))[:train_batches]
+        ray.get(trainer.train_step.remote(batches[0]))  # first step allocates optimizer state
+        cpu_a = cpu_snapshot()
+        start = time.perf_counter()
+        step_metrics = ray.get([trainer.train_step.remote(b) for b in batches])
+        train_s = time.perf_counter() - start
+        train_cpu = cpu_share(cpu_a, cpu_snapshot())
+        trained = sum(len(b) * n for b in batches)
+        start = time.perf_counter()
+        for _ in range(3):
+            ray.get(trainer.export_weights.remote())
+        export_s = (time.perf_counter() - start) / 3
+        say(f"bounds: train-only {len(batches)} steps in {train_s:.2f}s "
+            f"(train_step {sum(m['train/step_s'] for m in step_metrics) / len(batches):.3f}s each inside the actor), "
+            f"export_weights {export_s * 1000:.0f} ms")
+        ray.get(worker.ashutdown.remote())
+    finally:
+        ray.shutdown()
+    return {
+        "rollout_only_traj_s": num_groups * n / rollout_s,
+        "rollout_only_s": rollout_s,
+        "rollout_only_groups": num_groups,
+        "rollout_only_tok_s": tokens / rollout_s,
+        "long_tail_groups": long_groups,
+        "mean_response_tokens": sum(lengths) / len(lengths),
+        "train_only_traj_s": trained / train_s,
+        "train_only_s": train_s,
+        "train_only_steps": len(batches),
+        "train_step_s": train_s / len(batches),
+        "export_s": export_s,
+        "rollout_cpu": rollout_cpu,
+        "train_cpu": train_cpu,
+    }
+
+
+# -- where the CPU goes -----------------------------------------------------------------
+CPU_GROUPS = ("trainer", "rollout actor", "engine core", "engine worker", "rewards", "driver", "ray")
+
+
+def cpu_group(proc) -> str:
+    if proc.pid == os.getpid():
+        return "driver"
+    try:
+        name, cmd = proc.name(), " ".join(proc.cmdline()[:4])
+    except Exception:
+        return "ray"
+    text = f"{name} {cmd}"
+    for key, group in (("ray::Trainer", "trainer"), ("ray::RolloutWorker", "rollout actor"),
+                       ("EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
+                       ("VllmWorker", "engine worker"), ("rewards._worker", "rewards")):
+        if key in text:
+            return group
+    return "ray"
+
+
+def cpu_snapshot() -> tuple[float, dict[str, float], dict[str, str]]:
+    """CPU seconds used so far by this process and everything it started, by role, and
+    the cores each role may run on."""
+    import psutil
+
+    me = psutil.Process()
+    used = dict.fromkeys(CPU_GROUPS, 0.0)
+    cores: dict[str, set[int]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            group = cpu_group(proc)
+            used[group] += times.user + times.system
+            cores.setdefault(group, set()).update(proc.cpu_affinity())
+        except Exception:  # exited meanwhile
+            continue
+    return time.perf_counter(), used, {g: ",".join(map(str, sorted(c))) for g, c in cores.items()}
+
+
+def cpu_share(a, b) -> dict[str, float]:
+    """Cores busy on average per role between two snapshots."""
+    wall = max(b[0] - a[0], 1e-9)
+    return {g: max(0.0, b[1][g] - a[1].get(g, 0.0)) / wall for g in CPU_GROUPS}
+
+
+class RunWatch:
+    """Watches a run from a thread: CPU snapshots at the loop's start and end (seen in
+    metrics.jsonl), and a guard that kills the trainer actor when a batch or its memory
+    runs away, so a runaway mode fails in seconds instead of filling the machine's RAM."""
+
+    def __init__(self, metrics: Path, max_batch_trajectories: int, max_rss_gb: float) -> None:
+        import threading
+
+        self.metrics, self.max_batch, self.max_rss = metrics, max_batch_trajectories, max_rss_gb * 2**30
+        self.start = self.end = None
+        self.cores: dict[str, str] = {}
+        self.tripped: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        trainer = None
+        offset = 0
+        while not self._stop.wait(0.25):  # light: one file read and one /proc read per tick
+            if not self.metrics.exists():
+                continue
+            with open(self.metrics) as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind("\n") + 1]
+            offset += len(complete)
+            for line in complete.splitlines():
+                record = json.loads(line)
+                if self.start is None and "eval/accuracy" in record:
+                    self.start = cpu_snapshot()  # the loop starts right after the first eval
+                    self.cores = self.start[2]
+                elif "run/loop_s" in record and self.end is None:
+                    self.end = cpu_snapshot()
+                if (record.get("train/num_trajectories") or 0) > self.max_batch and not self.tripped:
+                    self._trip(f"a batch of {int(record['train/num_trajectories'])} trajectories "
+                               f"(> {self.max_batch}): admission let generation run away")
+            if trainer is None and self.start is not None:
+                trainer = next((p for p in psutil.Process().children(recursive=True)
+                                if cpu_group(p) == "trainer"), None)
+            try:
+                if trainer is not None and trainer.memory_info().rss > self.max_rss and not self.tripped:
+                    self._trip(f"trainer RSS {trainer.memory_info().rss / 2**30:.1f} GiB > {self.max_rss / 2**30:.1f}")
+            except psutil.Error:
+                trainer = None
+
+    def _trip(self, why: str) -> None:
+        import psutil
+
+        self.tripped = why
+        say(f"guard: {why}; killing the trainer actor")
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if cpu_group(proc) == "trainer":
+                    proc.kill()  # a process this benchmark started, by its pid
+            except Exception:
+                continue
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(5)
+        return cpu_share(self.start, self.end) if self.start and self.end else {}
+
+
+# -- one training run -------------------------------------------------------------------
+def run_mode(name: str, overrides: list[str], out: Path, guard_batches: float, max_rss_gb: float) -> dict:
+    from trainer.launcher import train
+
+    cfg, resolved = compose_config(overrides)
+    run_dir = out / name.replace("+", "_")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(resolved)
+    say(f"{name}: {' '.join(overrides)}")
+    limit = int(guard_batches * cfg.trainer.batch_groups * cfg.rollout.n_samples)
+    watch = RunWatch(run_dir / "metrics.jsonl", limit, max_rss_gb)
+    start = time.perf_counter()
+    error = None
+    try:
+        train(cfg, run_dir)
+    except Exception as err:  # reported in the table, the other modes still run
+        error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        say(f"{name}: FAILED {err}")
+    total_s = time.perf_counter() - start
+    cpu = watch.stop()
+    if watch.tripped:
+        error = f"stopped by the guard: {watch.tripped}"
+    row = summarize(name, cfg, run_dir, total_s, error)
+    row["cpu"], row["cores"] = cpu, watch.cores
+    return row
+
+
+def summarize(name: str, cfg, run_dir: Path, total_s: float, error: str | None) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "train/loss" in r]
+    final = next((r for r in reversed(records) if "run/loop_s" in r), None)
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    def peak(key: str, only_trained: bool = False) -> float:
+        # a batch whose every token is masked (APRIL) trains nothing: it has no staleness, and
+        # the trainer then reports the context's age as batch/age_max
+        values = [r[key] for r in steps if r.get(key) is not None and not (only_trained and not r.get("train/num_tokens"))]
+        return max(values) if values else float("nan")
+
+    row = {"mode": name, "eta": cfg.buffer.max_staleness, "steps": len(steps), "total_s": total_s, "error": error,
+           "n_samples": cfg.rollout.n_samples}
+    if final is None:
+        # a failed run: the last step record still holds the running ledger
+        last = steps[-1] if steps else {}
+        row.update({"loop_s": float("nan"), "traj_s": float("nan"), "consumed": last.get("ledger/consumed", 0),
+                    "lost": None})  # no final ledger: the run never reached its balance check
+    else:
+        consumed = int(final["ledger/consumed"])
+        row.update({
+            "loop_s": final["run/loop_s"],
+            "consumed": consumed,
+            "trajectories": consumed * cfg.rollout.n_samples,
+            "traj_s": consumed * cfg.rollout.n_samples / final["run/loop_s"],
+            "rollout_idle": final["run/rollout_idle_ratio"],
+            "trainer_idle": final["run/trainer_idle_ratio"],
+            "ledger": {k.removeprefix("ledger/"): int(v) for k, v in final.items() if k.startswith("ledger/")},
+            "lost": int(final["ledger/lost"]),
+        })
+    if len(steps) >= 3:  # between the first and the last step: no start-up ramp, no exit
+        window = steps[-1]["time_s"] - steps[0]["time_s"]
+        row["steady_traj_s"] = sum(r["train/num_trajectories"] for r in steps[1:]) / max(window, 1e-9)
+    else:
+        row["steady_traj_s"] = float("nan")
+    row["exit_s"] = final["time_s"] - steps[-1]["time_s"] if final and steps else float("nan")
+    row.update({
+        "group_age_max": peak("staleness/group_age_max"),
+        "batch_age_max": peak("batch/age_max", only_trained=True),
+        "empty_batches": sum(1 for r in steps if not r.get("train/num_tokens")),
+        "token_age_max": peak("staleness/token_age_max"),
+        "context_age_max": peak("batch/context_age_max"),
+        "train_step_s": mean("train/step_s"),
+        "sync_total_s": mean("weight_sync/total_s"),
+        "sync_drain_s": mean("weight_sync/drain_s"),
+        "sync_load_s": mean("weight_sync/load_s"),
+        "step_rollout_idle": mean("rollout/idle_ratio"),
+        "response_len": mean("response/length_mean"),
+        "partial_ratio": mean("batch/partial_ratio"),
+    })
+    row["max_staleness"] = max(v for v in (row["group_age_max"], row["batch_age_max"], 0.0) if not math.isnan(v))
+    return row
+
+
+# -- report -----------------------------------------------------------------------------
+def fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def provenance() -> str:
+    """Which library code ran: the checkout the launcher was imported from, its commit,
+    and whether it had uncommitted changes (this script's own files aside)."""
+    import subprocess
+
+    import trainer.launcher
+
+    root = Path(trainer.launcher.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = [line[3:] for line in subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+                                                      capture_output=True, text=True).stdout.splitlines()
+                 if line[3:] not in ("scripts/bench_async.py", "docs/benchmarks.md")]
+        return f"library: {root} at {commit}" + (f" + uncommitted changes in {len(dirty)} files" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return f"library: {root} (not a git checkout)"
+
+
+def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
+    nan = float("nan")
+    lines = [
+        provenance(),
+        f"workload: built-in tiny model and arithmetic task; {args.steps} steps x {args.batch_groups} groups x "
+        f"{args.n_samples} samples per mode; max_tokens={args.max_tokens}; {args.long_tail_fraction:.0%} of groups "
+        f"must generate >= {args.long_tail_min_tokens} tokens; 2 cores (engine threads on core 0, trainer on core 1), no GPU",
+        "",
+        "| bound | trajectories/s | detail |",
+        "|---|---:|---|",
+    ]
+    if bounds:
+        lines += [
+            f"| rollout-only | {fmt(bounds['rollout_only_traj_s'], 1)} | {bounds['rollout_only_groups']} groups submitted "
+            f"at once, done in {fmt(bounds['rollout_only_s'])} s; {fmt(bounds['rollout_only_tok_s'], 0)} tok/s; "
+            f"{bounds['long_tail_groups']} long-tail groups; mean response {fmt(bounds['mean_response_tokens'], 1)} tokens |",
+            f"| train-only | {fmt(bounds['train_only_traj_s'], 1)} | {bounds['train_only_steps']} train_step calls queued "
+            f"back to back, {fmt(bounds['train_step_s'], 3)} s each; export_weights {fmt(bounds['export_s'] * 1000, 0)} ms |",
+        ]
+    lines += [
+        "",
+        "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
+        "rollout idle | trainer idle | train_step s | weight sync s (drain) | max age: group / batch / masked context |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    by_mode = {r["mode"]: r for r in rows}
+    base = by_mode.get("sync", {}).get("traj_s", nan)
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['eta']} | {r['steps']} | {fmt(r['loop_s'], 1)} | {r.get('trajectories', 'n/a')} | "
+            f"{fmt(r['traj_s'], 1)} | {fmt(r['traj_s'] / base)} | {fmt(r['steady_traj_s'], 1)} | {fmt(r['exit_s'], 1)} | "
+            f"{fmt(r.get('rollout_idle', nan))} | {fmt(r.get('trainer_idle', nan))} | {fmt(r['train_step_s'], 3)} | "
+            f"{fmt(r['sync_total_s'], 3)} ({fmt(r['sync_drain_s'], 3)}) | {fmt(r['group_age_max'], 0)} / "
+            f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} |"
+        )
+    lines += ["", "ledgers (lost must be 0):", ""]
+    keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
+            "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")
+    for r in rows:
+        ledger = r.get("ledger") or {}
+        text = ", ".join(f"{k}={ledger[k]}" for k in keys if k in ledger) if ledger else "no final ledger"
+        empty = f"; {r['empty_batches']} batches with every token masked" if r.get("empty_batches") else ""
+        lines.append(f"- {r['mode']}: {text}{empty}" + (f" -- FAILED: {r['error']}" if r["error"] else ""))
+    lines += ["", "where the CPU goes (cores busy on average; the machine has 2):", "",
+              "| phase | " + " | ".join(CPU_GROUPS) + " | total |", "|---|" + "---:|" * (len(CPU_GROUPS) + 1)]
+    phases = [("rollout-only", bounds.get("rollout_cpu")), ("train-only", bounds.get("train_cpu"))]
+    phases += [(f"{r['mode']} loop", r.get("cpu")) for r in rows]
+    for label, cpu in phases:
+        if cpu:
+            lines.append(f"| {label} | " + " | ".join(f"{cpu[g]:.2f}" for g in CPU_GROUPS) + f" | {sum(cpu.values()):.2f} |")
+    cores = next((r["cores"] for r in rows if r.get("cores")), {})
+    if cores:
+        lines += ["", "allowed cores: " + "; ".join(f"{g} {c}" for g, c in sorted(cores.items()))]
+
+    sync_t = by_mode.get("sync", {}).get("traj_s", nan)
+    async_t = by_mode.get("async", {}).get("traj_s", nan)
+    april_t = by_mode.get("sync+april", {}).get("traj_s", nan)
+    bound = min(bounds.get("rollout_only_traj_s", nan), bounds.get("train_only_traj_s", nan))
+    ages = [v for r in rows for v in (r["group_age_max"], r["batch_age_max"]) if not math.isnan(v)]
+    max_staleness = int(max(ages, default=0))
+    lost = sum(int(r.get("lost") or 0) for r in rows)
+    failed = [r["mode"] for r in rows if r["error"]]
+    lines += ["", f"total wall time {time.perf_counter() - T0:.0f} s (including every start-up)"
+              + (f"; FAILED modes: {', '.join(failed)}" if failed else "")]
+    lines.append(
+        f"bench_async: async_speedup={async_t / sync_t:.2f} april_gain={april_t / sync_t:.2f} "
+        f"pipeline_efficiency={async_t / bound:.2f} max_staleness={max_staleness} eta={eta} lost={lost}"
+    )
+    return lines
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything the engines, Ray and the launcher print goes to stderr, so stdout holds
+    only the report (Ray forwards actor stdout to the driver's stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+T0 = time.perf_counter()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps: the whole run in under 5 minutes")
+    ap.add_argument("--steps", type=int, default=None, help="trainer.total_steps per mode (quick 30, full 100)")
+    ap.add_argument("--batch-groups", type=int, default=8)
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--long-tail-fraction", type=float, default=0.15)
+    ap.add_argument("--long-tail-min-tokens", type=int, default=40)
+    ap.add_argument("--eta", type=int, default=2, help="the async mode's buffer.max_staleness")
+    ap.add_argument("--eval-rows", type=int, default=8)
+    ap.add_argument("--modes", default="sync,sync+april,async", help="comma-separated subset (for tuning)")
+    ap.add_argument("--skip-bounds", action="store_true", help="for tuning: no rollout-only/train-only runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra override for every mode (repeatable)")
+    ap.add_argument("--guard-batches", type=float, default=6.0,
+                    help="stop a mode whose batch exceeds this many batch_groups x n_samples trajectories")
+    ap.add_argument("--max-trainer-gb", type=float, default=6.0, help="stop a mode whose trainer RSS exceeds this")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/grove-bench-async"))
+    args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 30 if args.quick else 100
+
+    from trainer.config import register_configs
+
+    register_configs()
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = workload_overrides(args)
+    modes = mode_overrides(args.eta)
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in wanted:
+        if m not in modes:
+            ap.error(f"unknown mode {m!r}; choose from {list(modes)}")
+
+    bounds: dict[str, float] = {}
+    rows: list[dict] = []
+    with stdout_to_stderr():
+        if not args.skip_bounds:
+            say("bounds: rollout-only and train-only")
+            cfg, _ = compose_config(base + modes["async"])
+            start = time.perf_counter()
+            bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps)
+            say(f"bounds done in {time.perf_counter() - start:.0f}s: rollout-only {bounds['rollout_only_traj_s']:.1f} "
+                f"traj/s, train-only {bounds['train_only_traj_s']:.1f} traj/s")
+        for name in wanted:
+            row = run_mode(name, base + modes[name], args.out, args.guard_batches, args.max_trainer_gb)
+            rows.append(row)
+            say(f"{name}: {fmt(row['traj_s'], 1)} traj/s, loop {fmt(row['loop_s'], 1)} s, "
+                f"whole run {row['total_s']:.0f} s, lost {row.get('lost')}")
+    lines = report(args, bounds, rows, args.eta)
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
