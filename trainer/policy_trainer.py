@@ -265,9 +265,9 @@ class Trainer:
         self.version += 1
         seconds = time.perf_counter() - start
         self._busy_seconds += seconds
-        token_versions = batch.versions[batch.loss_mask > 0]  # trained tokens: what η bounds
-        if token_versions.numel() == 0:
-            token_versions = batch.versions[batch.versions >= 0]
+        all_versions = batch.versions[batch.versions >= 0]
+        trained_versions = batch.versions[batch.loss_mask > 0]  # what η bounds
+        oldest_trained = trained_versions.min() if trained_versions.numel() else self.version - 1
         metrics = {f"loss/{k}": v for k, v in metrics_sum.items()}
         metrics.update(stats)
         metrics.update(
@@ -280,10 +280,10 @@ class Trainer:
                 "train/tokens_per_s": batch.num_tokens / seconds,
                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "train/version": float(self.version),
-                "batch/version_min": float(token_versions.min()),
-                "batch/version_max": float(token_versions.max()),
-                "batch/age_max": float(self.version - 1 - token_versions.min()),
-                "batch/context_age_max": float(self.version - 1 - batch.versions[batch.versions >= 0].min()),
+                "batch/version_min": float(all_versions.min()),
+                "batch/version_max": float(all_versions.max()),
+                "batch/age_max": float(self.version - 1 - oldest_trained),
+                "batch/context_age_max": float(self.version - 1 - all_versions.min()),
             }
         )
         return metrics
