@@ -91,15 +91,17 @@ def _setup_mounts(m, cwd, uid, notes):
             _check(rc, libc, "mount_setattr(/, read-only)")
     for target in m["masks"]:
         _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for src, fd in fds.items():
-        os.makedirs(src, mode=0o755, exist_ok=True)
-        _mount(libc, f"/proc/self/fd/{fd}", src, None, MS_BIND, None)
-        os.close(fd)
     for target in m["world_writable"]:
         _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
                f"mode=1777,size={m['tmpfs_bytes']}")
     if m["world_writable"]:
         notes.append("private_tmp")
+    # Binds come last, so an interpreter under a masked or private directory (/root, or a
+    # checkout in /tmp) is put back on top of the new mounts.
+    for src, fd in fds.items():
+        os.makedirs(src, mode=0o755, exist_ok=True)
+        _mount(libc, f"/proc/self/fd/{fd}", src, None, MS_BIND, None)
+        os.close(fd)
     os.makedirs(cwd, mode=0o700, exist_ok=True)
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
     _mount(libc, "tmpfs", cwd, "tmpfs", MS_NOSUID | MS_NODEV,

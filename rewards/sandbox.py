@@ -265,7 +265,12 @@ def _mount_plan(python: str, limits: SandboxLimits, scratch: str) -> dict | None
     """Masks and binds so an unprivileged uid can run ``python``; None if that is impossible."""
     masks: list[str] = []
     binds: list[str] = []
+    world_writable = [d for d in _WORLD_WRITABLE
+                      if os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_mode & stat.S_IWOTH]
     for root in _python_roots(python):
+        if any(root == d or root.startswith(d + os.sep) for d in world_writable):
+            binds.append(root)  # e.g. a checkout under /tmp: re-bound over the private /tmp
+            continue
         if _traversable(root):
             continue
         blocker = _blocking_ancestor(root)
@@ -278,9 +283,7 @@ def _mount_plan(python: str, limits: SandboxLimits, scratch: str) -> dict | None
         "readonly_root": True,
         "masks": masks,
         "binds": binds,
-        "world_writable": [d for d in _WORLD_WRITABLE
-                           if os.path.isdir(d) and not os.path.islink(d)
-                           and os.stat(d).st_mode & stat.S_IWOTH],
+        "world_writable": world_writable,
         "tmpfs_bytes": limits.tmpfs_bytes,
         "scratch_bytes": limits.scratch_bytes,
     }

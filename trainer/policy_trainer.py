@@ -37,7 +37,7 @@ class TrainerConfig:
     # clip ratio π_θ/π_old binds from the second update on (PPO-style); the policy version
     # still counts batches, the unit of admission and staleness.
     minibatches: int = 1
-    total_steps: int = 500
+    total_steps: int = 600
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
     num_threads: int = 1
@@ -72,11 +72,10 @@ def init_single_process_group() -> None:
 
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    # A group of one on a fresh loopback port: an inherited MASTER_PORT (another job's, or
+    # a parent process's own group) would collide.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

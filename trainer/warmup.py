@@ -27,7 +27,7 @@ CACHE_FORMAT = "grove-tiny-v1"  # bump when the code below changes what it produ
 
 @dataclass
 class WarmupConfig:
-    target_accuracy: float = 0.3
+    target_accuracy: float = 0.2
     max_steps: int = 4000
     batch_size: int = 128
     lr: float = 1e-3

@@ -16,7 +16,9 @@ LAST_LINE = re.compile(r"^grove: accuracy_before=(\d\.\d+) accuracy_after=(\d\.\
 
 
 def grove(args, tmp_path, timeout=900):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # a clean environment: no W&B key, and not this test process's own torch.distributed group
+    skip = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in skip}
     cmd = [sys.executable, "-m", "trainer.cli", "train", f"output_root={tmp_path}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -50,6 +50,7 @@ def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logp
     import copy
 
     worker = make_worker("interrupt")
+    loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))  # engine == trainer, whatever ran before
     before = copy.deepcopy(trainer.engine.module)  # the weights the engine holds now
     group = _one_step_then_generate(worker, trainer, loop_thread, "g-int")
     prompt_ids = group.trajectories[0].prompt_ids
