@@ -8,7 +8,6 @@ gets the same class; only the engine arguments differ.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
