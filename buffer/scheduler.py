@@ -6,7 +6,10 @@ groups is made here, so the property tests drive exactly the code a run uses:
 - admission: AReaL's rule (`StalenessManager`), or, with APRIL over-provisioning, a fixed
   number of groups in flight once the new weights are in;
 - batches: `TrajectoryBuffer.get`, which schedules by deadline so no trained token is
-  older than η;
+  older than η. A group still generating at its deadline is a *straggler*: with
+  `stragglers="wait"` the trainer waits for it; with `"mask"` it does not, and the
+  straggler's tokens older than η become context only (kept, not trained on) when it
+  is consumed;
 - partial groups (APRIL): handed back unfinished, resumed first after the next weight
   sync, with tokens older than η masked out of the loss (they stay as context);
 - the ledger, which must balance at every moment.
@@ -34,12 +37,19 @@ class FilteredTooOftenError(RuntimeError):
     """DAPO's dynamic sampling found nothing to learn from for too long."""
 
 
+STRAGGLER_POLICIES = ("wait", "mask")
+
+
 class RolloutScheduler:
     def __init__(self, batch_groups: int, max_staleness: int, overprovision: float = 1.0,
-                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10) -> None:
+                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10, stragglers: str = "wait") -> None:
+        if stragglers not in STRAGGLER_POLICIES:
+            raise ValueError(f"stragglers={stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         self.batch_groups = batch_groups
         self.eta = max_staleness
         self.april = overprovision > 1
+        # APRIL re-bases what it interrupts, so it never waits for a straggler either
+        self.mask_stragglers = self.april or stragglers == "mask"
         self.in_flight_target = int(overprovision * batch_groups)
         self.dynamic_sampling = dynamic_sampling
         self.max_filtered = max_num_gen_batches * batch_groups
@@ -120,10 +130,9 @@ class RolloutScheduler:
         """A batch for the trainer at `version`, or None to wait. Under APRIL the caller
         then interrupts everything still generating."""
         binding: Iterable[int] = self.running.values()
-        if self.april:
-            # APRIL re-bases what it interrupts, so running groups do not bind the schedule;
-            # the few that escaped an interrupt (already being scored) keep their newer
-            # tokens for training and their older ones as context only.
+        if self.mask_stragglers:
+            # Running groups do not bind the schedule: whatever is consumed keeps its tokens
+            # of the last η versions for training and its older ones as context only.
             binding = ()
             floor = version - self.eta
             for group in self.buffer.groups():

@@ -1,9 +1,15 @@
 """A thin wrapper over vLLM's AsyncLLM: generate one sample, stream its tokens, swap weights.
 
-Grove asks five things of an inference engine: start, generate one response token by
-token with the logprob of each sampled token, abort a request, apply new weights
-without a restart, and stop. Everything else (groups, versions, rewards) lives in `rollout.worker`. A GPU user
-gets the same class; only the engine arguments differ.
+Grove asks a few things of an inference engine: start, generate one response token by
+token with the logprob of each sampled token, abort a request, pause and resume with
+requests kept in place, apply new weights without a restart, and stop. Everything else
+(groups, admission, rewards) lives in `rollout.worker`. A GPU user gets the same class;
+only the engine arguments differ.
+
+The engine labels its weights with Grove's policy version (`aload_weights(..., version)`),
+and vLLM reports, for each finished request, which label sampled which output tokens.
+Those spans are the per-token version stamps: exact even when a request runs across a
+weight update.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class TokenDelta:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason | None  # set on the last delta
+    # On the last delta: the policy version that sampled each output token of the whole
+    # request, from vLLM's weight-version spans (None if the engine reported none).
+    versions: list[int] | None = None
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
@@ -53,6 +62,21 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
 
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORTED}
+
+
+def span_versions(spans) -> list[int] | None:
+    """Per-token versions from vLLM's WeightVersionSpan list (labels are Grove versions)."""
+    if spans is None:
+        return None
+    versions: list[int] = []
+    for span in spans:
+        try:
+            label = int(span.version)
+        except ValueError:
+            raise RuntimeError(f"engine weights are labelled {span.version!r}, not a Grove policy version; "
+                               "label them with VLLMEngine.alabel") from None
+        versions.extend([label] * (span.end - span.start))
+    return versions
 
 
 class VLLMEngine:
@@ -84,6 +108,7 @@ class VLLMEngine:
             # The behaviour policy is the distribution actually sampled from.
             logprobs_mode="processed_logprobs",
             worker_extension_cls="rollout.weight_sync.GroveWorkerExtension",
+            disable_log_stats=True,  # Grove logs its own metrics; vLLM's per-token stats cost CPU on the rollout core
             distributed_executor_backend=None if self.cfg.multiprocess else "uni",
             **self.cfg.extra_args,
         )
@@ -128,6 +153,7 @@ class VLLMEngine:
             logprobs=0,
             seed=seed,
             output_kind=RequestOutputKind.DELTA,
+            detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
         )
         request_id = request_id or self.new_request_id()
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
@@ -139,15 +165,41 @@ class VLLMEngine:
             finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
             if finish is None and out.finished:
                 finish = FinishReason.ABORTED
-            yield TokenDelta(ids, logprobs, finish)
+            versions = span_versions(sample.weight_versions) if out.finished else None
+            yield TokenDelta(ids, logprobs, finish, versions)
 
     async def abort(self, request_ids: list[str]) -> None:
         await self.engine.abort(request_ids)
 
-    async def aload_weights(self, payload: bytes) -> None:
-        """Load a safetensors blob into the live engine (no restart). Call it while no
-        request is generating, or in-flight requests mix old and new weights."""
+    async def aload_weights(self, payload: bytes, version: int | None = None, idle: bool = True) -> bool:
+        """Load a safetensors blob into the live engine (no restart) and label it `version`.
+
+        Call it while no request is generating (`idle`: cached prefixes computed by the
+        old weights are dropped too, so no later request reuses them), or between `apause`
+        and `aresume` (`idle=False`: the requests kept in place continue on the new
+        weights over the context cached so far). Returns False if the prefix cache could
+        not be dropped because a request still held cache blocks."""
         await self.engine.collective_rpc("grove_load_weights", args=(payload,))
+        if version is not None:
+            await self.alabel(version)
+        if idle and self.cfg.enable_prefix_caching:
+            return bool(await self.engine.reset_prefix_cache())
+        return True
+
+    async def alabel(self, version: int) -> None:
+        """Label the weights in use; finished requests report the label per output token."""
+        await self.engine.update_weight_version(str(version))
+
+    async def apause(self) -> None:
+        """Stop scheduling, keeping every request and its KV cache in place.
+
+        This is AsyncLLM.pause_generation(mode="keep") without its fixed 20 ms sleep, which
+        only lets last outputs reach their streams before it returns ("not required for
+        correctness", vLLM says): the engine's weight labels already attribute every token."""
+        await self.engine.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+
+    async def aresume(self) -> None:
+        await self.engine.resume_generation()
 
     async def aweights_digest(self) -> str:
         return (await self.engine.collective_rpc("grove_weights_digest"))[0]

@@ -10,13 +10,19 @@ One invocation measures, one after the other on the same two cores:
      submitted at once (no admission limit, no training, no weight updates);
    - train-only: `Trainer.train_step` on those already generated groups, B per call,
      all calls queued back to back (the trainer never waits for data);
-2. three full training runs through `trainer.launcher.train` (each starts and stops its
+2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
    - sync+april: buffer.max_staleness=1, rollout.on_update=wait, rollout.overprovision=2 (APRIL; refused at
                  eta=0: a group interrupted at version v resumes at v+1, so its tokens
                  cross a version)
-   - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt
+   - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt (requests paused in
+                 the engine across each update, rollout.interrupt_by=pause)
+   - async-mask: as async, plus buffer.stragglers=mask: the trainer never waits for a group
+                 still generating when due; its tokens older than eta become context only
+   - async-abort (only with --modes): as async with rollout.interrupt_by=abort (requests
+                 aborted and re-prefilled at each update instead of paused)
+The summary line uses async, which trains on every token it generates.
 
 Throughput is trained trajectories per second: consumed groups (ledger) x n_samples over
 the loop's wall time. Pipeline efficiency is the async throughput over the smaller bound.
@@ -52,6 +58,14 @@ def mode_overrides(eta: int) -> dict[str, list[str]]:
         "sync": ["buffer.max_staleness=0", "rollout.on_update=wait", "rollout.overprovision=1"],
         "sync+april": ["buffer.max_staleness=1", "rollout.on_update=wait", "rollout.overprovision=2"],
         "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "rollout.overprovision=1"],
+        # the same, but a group still generating when due does not hold the trainer: its
+        # tokens older than eta are kept as context, not trained on (the masked % column)
+        "async-mask": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+                       "rollout.overprovision=1"],
+        # the same as async, with in-flight requests aborted and re-prefilled at each update
+        # instead of paused in the engine (not in the default --modes)
+        "async-abort": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "rollout.interrupt_by=abort",
+                        "rollout.overprovision=1"],
     }
 
 
@@ -333,6 +347,9 @@ def summarize(name: str, cfg, run_dir: Path, total_s: float, error: str | None) 
     else:
         row["steady_traj_s"] = float("nan")
     row["exit_s"] = final["time_s"] - steps[-1]["time_s"] if final and steps else float("nan")
+    trained = sum(r.get("train/num_tokens", 0.0) for r in steps)
+    masked = (final or (steps[-1] if steps else {})).get("ledger/masked_tokens", 0.0)
+    row["masked_share"] = masked / (masked + trained) if masked + trained else float("nan")
     row.update({
         "group_age_max": peak("staleness/group_age_max"),
         "batch_age_max": peak("batch/age_max", only_trained=True),
@@ -399,8 +416,9 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
     lines += [
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
-        "rollout idle | trainer idle | train_step s | weight sync s (drain) | max age: group / batch / masked context |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "rollout idle | trainer idle | train_step s | weight sync s (drain) | max age: group / batch / masked context | "
+        "masked tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     by_mode = {r["mode"]: r for r in rows}
     base = by_mode.get("sync", {}).get("traj_s", nan)
@@ -410,7 +428,7 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{fmt(r['traj_s'], 1)} | {fmt(r['traj_s'] / base)} | {fmt(r['steady_traj_s'], 1)} | {fmt(r['exit_s'], 1)} | "
             f"{fmt(r.get('rollout_idle', nan))} | {fmt(r.get('trainer_idle', nan))} | {fmt(r['train_step_s'], 3)} | "
             f"{fmt(r['sync_total_s'], 3)} ({fmt(r['sync_drain_s'], 3)}) | {fmt(r['group_age_max'], 0)} / "
-            f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} |"
+            f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} | {fmt(100 * r['masked_share'], 1)} % |"
         )
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
@@ -477,7 +495,7 @@ def main() -> None:
     ap.add_argument("--long-tail-min-tokens", type=int, default=40)
     ap.add_argument("--eta", type=int, default=2, help="the async mode's buffer.max_staleness")
     ap.add_argument("--eval-rows", type=int, default=8)
-    ap.add_argument("--modes", default="sync,sync+april,async", help="comma-separated subset (for tuning)")
+    ap.add_argument("--modes", default="sync,sync+april,async,async-mask", help="comma-separated subset (for tuning)")
     ap.add_argument("--skip-bounds", action="store_true", help="for tuning: no rollout-only/train-only runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for every mode (repeatable)")

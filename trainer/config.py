@@ -56,6 +56,10 @@ class TaskConfig:
 @dataclass
 class BufferConfig:
     max_staleness: int = 1  # η: no consumed token is more than η versions old
+    # A group still generating when it is due (started η versions ago): `wait` holds the
+    # trainer until it finishes; `mask` trains without it, and when it arrives its tokens
+    # older than η are kept as context only (counted in ledger.masked_tokens).
+    stragglers: str = "wait"
 
 
 @dataclass
@@ -91,6 +95,12 @@ class GroveConfig:
         eta = self.buffer.max_staleness
         if eta < 0:
             raise ValueError(f"buffer.max_staleness must be >= 0, got {eta}")
+        if self.buffer.stragglers not in ("wait", "mask"):
+            raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} is not one of ['wait', 'mask']")
+        if self.buffer.stragglers == "mask" and eta < 1:
+            raise ValueError("buffer.stragglers=mask with buffer.max_staleness=0 would mask every token of a "
+                             "straggler (at η = 0 nothing may be older than the current version); use "
+                             "buffer.stragglers=wait for synchronous training, or buffer.max_staleness >= 1.")
         if eta > 0 and not self.algorithm.decoupled and self.algorithm.tis == "none":
             raise ValueError(
                 f"buffer.max_staleness={eta} trains on samples up to {eta} policy versions old, but "

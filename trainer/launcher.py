@@ -157,7 +157,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     algo = cfg.algorithm
     pool = PromptPool(data.train, cfg.rollout.n_samples, seed=cfg.seed, prompt_key=cfg.task.prompt_key)
     sched = RolloutScheduler(cfg.trainer.batch_groups, cfg.buffer.max_staleness, cfg.rollout.overprovision,
-                             algo.dynamic_sampling, algo.max_num_gen_batches)
+                             algo.dynamic_sampling, algo.max_num_gen_batches, cfg.buffer.stragglers)
     ledger = sched.ledger
     version = 0  # trainer's
     synced = 0  # the worker's: admission follows the weights rollouts actually use

@@ -27,6 +27,18 @@ def logprobs_under(model, prompt_ids, response_ids, eos_id: int = 1):
     return logprobs.gather(-1, torch.tensor(response_ids).unsqueeze(-1)).squeeze(-1).tolist()
 
 
+def logprobs_across_a_paused_update(old, new, prompt_ids, response_ids, cut: int, eos_id: int = 1):
+    """What a request kept in the engine across an update samples from: the context up to
+    token cut-2 was cached by the old weights; the new weights process token cut-1 (the
+    last one the old weights sampled) and everything after it, attending to that cache."""
+    with torch.no_grad():
+        cache = old(input_ids=torch.tensor([prompt_ids + response_ids[:cut - 1]]), use_cache=True).past_key_values
+        logits = new(input_ids=torch.tensor([response_ids[cut - 1:-1]]), past_key_values=cache).logits[0].float()
+        logits[:, eos_id] = float("-inf")
+        logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, torch.tensor(response_ids[cut:]).unsqueeze(-1)).squeeze(-1).tolist()
+
+
 async def generate_across_an_update(worker, payload: bytes, group_id: str):
     await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id=group_id)])
     while worker.stats()["rollout/tokens_generated"] < 4:  # both samples under way
@@ -38,34 +50,45 @@ async def generate_across_an_update(worker, payload: bytes, group_id: str):
 
 @pytest.fixture(scope="module")
 def make_worker(model_path, engine, loop_thread):
-    def make(on_update: str) -> RolloutWorker:
-        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update=on_update)
+    def make(on_update: str, interrupt_by: str = "pause") -> RolloutWorker:
+        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update=on_update,
+                            interrupt_by=interrupt_by)
         worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
         loop_thread.run(worker.astart())
         return worker
     return make
 
 
-def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logprobs(make_worker, trainer, loop_thread):
+@pytest.mark.parametrize("interrupt_by", ["abort", "pause"])
+def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logprobs(
+        make_worker, trainer, loop_thread, interrupt_by):
     import copy
 
-    worker = make_worker("interrupt")
+    worker = make_worker("interrupt", interrupt_by)
     loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))  # engine == trainer, whatever ran before
     before = copy.deepcopy(trainer.engine.module)  # the weights the engine holds now
-    group = _one_step_then_generate(worker, trainer, loop_thread, "g-int")
+    group = _one_step_then_generate(worker, trainer, loop_thread, f"g-{interrupt_by}")
+    after = trainer.engine.module
     prompt_ids = group.trajectories[0].prompt_ids
     for traj in group.trajectories:
         assert traj.finish_reason is FinishReason.LENGTH and traj.num_response_tokens == 56
         v0 = worker.version - 1
         assert traj.versions == sorted(traj.versions) and set(traj.versions) == {v0, v0 + 1}
         cut = traj.versions.index(v0 + 1)
-        assert 0 < cut < 56
+        assert 1 < cut < 56
         old = logprobs_under(before, prompt_ids, traj.response_ids)
-        new = logprobs_under(trainer.engine.module, prompt_ids, traj.response_ids)
+        new = logprobs_under(after, prompt_ids, traj.response_ids)
         assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[:cut], old[:cut])) < 1e-4
-        assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[cut:], new[cut:])) < 1e-4
+        if interrupt_by == "abort":  # the context was re-prefilled on the new weights
+            assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[cut:], new[cut:])) < 1e-4
+        else:  # the context cached by the old weights was kept: the stamps say exactly where
+            kept = logprobs_across_a_paused_update(before, after, prompt_ids, traj.response_ids, cut)
+            assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs[cut:], kept)) < 1e-4
+            assert max(abs(a - b) for a, b in zip(kept, new[cut:])) > 1e-4  # and that is not the same thing
         assert traj.loss_mask == [1] * 56
     assert worker.counts["samples_interrupted"] >= 2
+    # abort: the engine was idle at the load, so no prefix cached by the old weights survives it
+    assert worker.counts["prefix_cache_kept"] == (1 if interrupt_by == "pause" else 0)
 
 
 def _one_step_then_generate(worker, trainer, loop_thread, group_id):
@@ -80,14 +103,16 @@ def _one_step_then_generate(worker, trainer, loop_thread, group_id):
         g.trajectories.append(t)
     trainer.train_step([g])
     worker.version = trainer.version - 1  # the engine still holds the previous weights
+    loop_thread.run(worker.engine.alabel(worker.version))
     sync, group = loop_thread.run(generate_across_an_update(worker, trainer.export_weights(), group_id))
     assert (sync["requests_interrupted"] >= 1) == (worker.cfg.on_update != "wait")
     return group
 
 
-def test_mask_mode_keeps_old_tokens_as_context_only(make_worker, trainer, loop_thread):
-    worker = make_worker("mask")
-    group = _one_step_then_generate(worker, trainer, loop_thread, "g-mask")
+@pytest.mark.parametrize("interrupt_by", ["abort", "pause"])
+def test_mask_mode_keeps_old_tokens_as_context_only(make_worker, trainer, loop_thread, interrupt_by):
+    worker = make_worker("mask", interrupt_by)
+    group = _one_step_then_generate(worker, trainer, loop_thread, f"g-mask-{interrupt_by}")
     for traj in group.trajectories:
         cut = traj.versions.index(max(traj.versions))
         assert 0 < cut and traj.loss_mask == [0] * cut + [1] * (56 - cut)

@@ -51,10 +51,13 @@ def test_unknown_key_is_refused():
     ("algorithm.loss_agg=sum", "loss_agg"),
     ("rollout.n_samples=0", "n_samples"),
     ("buffer.max_staleness=-1", "max_staleness"),
+    ("buffer.stragglers=drop", "buffer.stragglers"),
+    (["buffer.stragglers=mask", "buffer.max_staleness=0"], "stragglers=mask with buffer.max_staleness=0"),
+    ("rollout.interrupt_by=restart", "interrupt_by"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(Exception, match=message):
-        load([override])
+        load(override if isinstance(override, list) else [override])
 
 
 def run_cli(*args):

@@ -5,7 +5,7 @@ A small simulator plays the worker's and trainer's parts around the real
 with the worker's current version, finish in any order, get interrupted (APRIL), are
 consumed, and weights are updated and synced. Over at least 10,000 generated schedules
 no consumed trained token may be older than η and the ledger must balance after every
-event.
+event (10,000 with the default straggler policy, 3,000 more with `stragglers="mask"`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ EVENTS = ("admit", "token", "finish", "interrupt", "consume", "sync")
 
 class Sim:
     def __init__(self, batch_groups: int, eta: int, overprovision: float = 1.0, samples: int = 2,
-                 dynamic_sampling: bool = False) -> None:
-        self.sched = RolloutScheduler(batch_groups, eta, overprovision, dynamic_sampling, max_num_gen_batches=1000)
+                 dynamic_sampling: bool = False, stragglers: str = "wait") -> None:
+        self.sched = RolloutScheduler(batch_groups, eta, overprovision, dynamic_sampling, max_num_gen_batches=1000,
+                                      stragglers=stragglers)
         self.eta = eta
         self.samples = samples
         self.version = 0  # trainer
@@ -63,7 +64,9 @@ class Sim:
     def finish(self, rng: random.Random) -> None:
         if not self.live:
             return
-        gid = rng.choice(sorted(self.live))
+        self.finish_group(rng.choice(sorted(self.live)), rng)
+
+    def finish_group(self, gid: str, rng: random.Random) -> None:
         g = self.live.pop(gid)
         for t in g.trajectories:
             if t.finish_reason is None:
@@ -140,16 +143,69 @@ def test_april_partial_rollouts_never_train_a_stale_token(events, batch_groups, 
     Sim(batch_groups, eta, overprovision=2.0).play(events, seed)
 
 
-@pytest.mark.parametrize("eta,overprovision", [(0, 1.0), (1, 1.0), (2, 1.0), (1, 2.0), (2, 2.0)])
-def test_fair_schedules_make_progress(eta, overprovision):
+@settings(max_examples=3000, deadline=None)
+@given(events=schedules, batch_groups=st.integers(1, 4), eta=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_masking_stragglers_never_trains_a_stale_token(events, batch_groups, eta, seed):
+    Sim(batch_groups, eta, stragglers="mask").play(events, seed)
+
+
+@pytest.mark.parametrize("eta,overprovision,stragglers", [
+    (0, 1.0, "wait"), (1, 1.0, "wait"), (2, 1.0, "wait"), (1, 2.0, "wait"), (2, 2.0, "wait"),
+    (1, 1.0, "mask"), (2, 1.0, "mask")])
+def test_fair_schedules_make_progress(eta, overprovision, stragglers):
     """Liveness: with every kind of event happening, training keeps advancing."""
     rng = random.Random(eta * 10 + int(overprovision))
-    sim = Sim(batch_groups=3, eta=eta, overprovision=overprovision)
+    sim = Sim(batch_groups=3, eta=eta, overprovision=overprovision, stragglers=stragglers)
     events = [rng.choice(EVENTS) for _ in range(4000)]
     sim.play(events, seed=1)
     assert sim.version >= 20
     if overprovision > 1:
         assert sim.sched.ledger.partial > 0 and sim.sched.ledger.resumed > 0
+
+
+def _straggler_scenario(stragglers: str):
+    """Group 0 starts at version 0 and keeps generating; the others finish at once."""
+    sim = Sim(batch_groups=1, eta=1, stragglers=stragglers)
+    sim.admit()  # (0 + 1 + 1) * 1 = 2 groups
+    straggler, quick = sorted(sim.live)
+    sim.live[straggler].trajectories[0].append_tokens([7], [-0.5], 0)
+    sim.live[straggler].trajectories[1].append_tokens([7], [-0.5], 0)
+    g = sim.live.pop(quick)
+    for t in g.trajectories:
+        t.append_tokens([1], [-0.1], 0)
+        t.reward, t.finish_reason = 1.0, FinishReason.STOP
+    sim.sched.absorb([g], [], [])
+    return sim, straggler
+
+
+def test_waiting_for_a_straggler_holds_the_trainer_at_its_deadline():
+    sim, _ = _straggler_scenario("wait")
+    assert sim.sched.next_batch(0) is not None  # the quick group trains at version 0 ...
+    sim.version = sim.synced = 1
+    assert sim.sched.next_batch(1) is None  # ... and at version 1 the straggler is due: wait
+
+
+def test_a_masked_straggler_does_not_hold_the_trainer_and_loses_no_token():
+    sim, straggler = _straggler_scenario("mask")
+    assert sim.sched.next_batch(0) is not None
+    for version in (1, 2):  # training goes on past the straggler's deadline
+        sim.version = sim.synced = version
+        sim.admit()
+        for gid in sorted(sim.live):
+            if gid != straggler:
+                sim.finish_group(gid, random.Random(version))
+        assert sim.sched.next_batch(version) is not None
+    g = sim.live.pop(straggler)  # it finishes at version 3, with one fresh token per sample
+    for t in g.trajectories:
+        t.append_tokens([1], [-0.1], 3)
+        t.reward, t.finish_reason = 0.0, FinishReason.STOP
+    sim.sched.absorb([g], [], [])
+    sim.version = sim.synced = 3
+    batch = sim.sched.next_batch(3)
+    assert g in batch
+    for t in g.trajectories:  # its version-0 tokens are context now, not trained, not dropped
+        assert t.versions == [0, 3] and t.loss_mask == [0, 1]
+    assert sim.sched.ledger.masked_tokens == 2 and sim.sched.lost() == 0
 
 
 def test_eta_zero_trains_only_on_policy_tokens():
