@@ -113,6 +113,7 @@ class VLLMEngine:
             **self.cfg.extra_args,
         )
         self._engine = AsyncLLM.from_engine_args(args)
+        await self.alabel(0)  # vLLM's default label is "default"; every token reports a Grove version
         return time.perf_counter() - start
 
     @property
