@@ -15,6 +15,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from algorithms import AlgorithmConfig
+from buffer.scheduler import STRAGGLER_POLICIES
 from rewards.runner import RewardConfig
 from rollout.worker import RolloutConfig
 from trainer.policy_trainer import TrainerConfig
@@ -95,8 +96,8 @@ class GroveConfig:
         eta = self.buffer.max_staleness
         if eta < 0:
             raise ValueError(f"buffer.max_staleness must be >= 0, got {eta}")
-        if self.buffer.stragglers not in ("wait", "mask"):
-            raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} is not one of ['wait', 'mask']")
+        if self.buffer.stragglers not in STRAGGLER_POLICIES:
+            raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         if self.buffer.stragglers == "mask" and eta < 1:
             raise ValueError("buffer.stragglers=mask with buffer.max_staleness=0 would mask every token of a "
                              "straggler (at η = 0 nothing may be older than the current version); use "
