@@ -9,6 +9,7 @@ weights to the rollout side as a safetensors blob.
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
 import time
@@ -37,6 +38,11 @@ class TrainerConfig:
     # clip ratio π_θ/π_old binds from the second update on (PPO-style); the policy version
     # still counts batches, the unit of admission and staleness.
     minibatches: int = 1
+    # Rows are forwarded in length buckets so a batch is not padded to its longest response.
+    # A forward+backward pass costs about this many tokens' worth of fixed overhead; rows are
+    # split only where the padding saved is worth more. 0 = one bucket per distinct length,
+    # a huge value = one padded batch. ~128 suits a small model on CPU; a GPU wants thousands.
+    bucket_overhead_tokens: int = 128
     total_steps: int = 600
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
@@ -52,6 +58,8 @@ class TrainerConfig:
                              f"got {self.minibatches}")
         if self.lr <= 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if self.bucket_overhead_tokens < 0:
+            raise ValueError(f"trainer.bucket_overhead_tokens must be >= 0, got {self.bucket_overhead_tokens}")
 
 
 def _free_port() -> int:
@@ -141,6 +149,56 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return chosen, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+    """Row indices grouped by length so that the padded work, Σ over buckets of
+    (overhead_tokens + rows × longest row), is least.
+
+    On a long-tail batch one padded forward pays for every short row at the longest row's
+    length; a few buckets cut that to about the real tokens. Optimal over cuts between
+    distinct lengths (an O(k²) dynamic programme, k = distinct lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ascending = [lengths[i] for i in order]
+    distinct = sorted(set(lengths))
+    count_upto = [bisect.bisect_right(ascending, d) for d in distinct]  # rows with length <= d
+    best = [0.0] * (len(distinct) + 1)  # best[j]: least cost of the rows up to distinct[j-1]
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        best[j] = float("inf")
+        for i in range(j):  # the last bucket holds distinct[i:j]
+            rows = count_upto[j - 1] - (count_upto[i - 1] if i else 0)
+            cost = best[i] + overhead_tokens + rows * distinct[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(distinct)
+    while j > 0:
+        bounds.append((count_upto[cut[j] - 1] if cut[j] else 0, count_upto[j - 1]))
+        j = cut[j]
+    return [order[a:b] for a, b in reversed(bounds)]
+
+
+def bucketed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            temperature: float = 1.0, with_entropy: bool = False,
+                            overhead_tokens: int = 128):
+    """`token_logprobs` over right-padded rows, forwarded in length buckets, each cut to
+    its own longest row. Causal attention makes the result the same as one padded pass
+    (up to float rounding); positions past a row's end, which no loss reads, hold 0."""
+    lengths = attention_mask.sum(-1)
+    buckets = length_buckets(lengths.tolist(), overhead_tokens)
+    if len(buckets) == 1:
+        return token_logprobs(model, input_ids, attention_mask, temperature, with_entropy)
+    width = input_ids.shape[1] - 1
+    pieces: list[tuple[torch.Tensor, ...]] = []
+    for rows in buckets:
+        index = torch.tensor(rows)
+        n = int(lengths[index].max())
+        out = token_logprobs(model, input_ids[index, :n], attention_mask[index, :n], temperature, with_entropy)
+        out = out if with_entropy else (out,)
+        pieces.append(tuple(torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in out))
+    inverse = torch.tensor([i for rows in buckets for i in rows]).argsort()
+    joined = tuple(torch.cat(parts)[inverse] for parts in zip(*pieces))
+    return joined if with_entropy else joined[0]
+
+
 def batch_statistics(batch: PackedBatch, advantages: torch.Tensor, version: int) -> dict[str, float]:
     """What practitioners read first: advantage spread, dead groups, lengths, staleness."""
     lengths = batch.loss_mask.sum(-1)
@@ -204,10 +262,10 @@ class Trainer:
             self.reference.requires_grad_(False)
         return {"trainer_setup_s": time.perf_counter() - start}
 
-    def _forward(self, batch: PackedBatch, rows: slice | torch.Tensor):
-        logprobs, entropy = token_logprobs(self.engine, batch.input_ids[rows], batch.attention_mask[rows],
-                                           self.temperature, with_entropy=True)
-        return logprobs, entropy
+    def _logprobs(self, model, batch: PackedBatch, rows: slice | torch.Tensor = slice(None),
+                  with_entropy: bool = False):
+        return bucketed_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], self.temperature,
+                                       with_entropy, self.cfg.bucket_overhead_tokens)
 
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """One policy version from these groups: `minibatches` optimizer updates; returns
@@ -223,9 +281,9 @@ class Trainer:
         prox = ref = None
         with torch.no_grad():
             if algo.novelty_sharpening or (recompute and self.cfg.minibatches > 1):
-                prox = token_logprobs(self.engine, batch.input_ids, batch.attention_mask, self.temperature)
+                prox = self._logprobs(self.engine, batch)
             if self.reference is not None:
-                ref = token_logprobs(self.reference, batch.input_ids, batch.attention_mask, self.temperature)
+                ref = self._logprobs(self.reference, batch)
         seq_mean = None
         if algo.novelty_sharpening:  # XRPO scores novelty by the response's mean logprob
             seq_mean = (prox * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -234,7 +292,7 @@ class Trainer:
         losses = []
         for rows in torch.arange(len(groups)).chunk(self.cfg.minibatches):
             rows = torch.isin(batch.group_index, rows)
-            logprobs, entropy = self._forward(batch, rows)
+            logprobs, entropy = self._logprobs(self.engine, batch, rows, with_entropy=True)
             if not algo.decoupled:
                 old = batch.behaviour_logprobs[rows]
             elif recompute:

@@ -54,6 +54,7 @@ def test_unknown_key_is_refused():
     ("buffer.stragglers=drop", "buffer.stragglers"),
     (["buffer.stragglers=mask", "buffer.max_staleness=0"], "stragglers=mask with buffer.max_staleness=0"),
     ("rollout.interrupt_by=restart", "interrupt_by"),
+    ("trainer.bucket_overhead_tokens=-1", "bucket_overhead_tokens"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(Exception, match=message):
