@@ -1,7 +1,7 @@
-"""A thin wrapper over vLLM's AsyncLLM: generate one sample, stream its tokens, swap weights.
+"""A thin wrapper over vLLM's AsyncLLM: generate one sample, swap weights, pause and resume.
 
-Grove asks a few things of an inference engine: start, generate one response token by
-token with the logprob of each sampled token, abort a request, pause and resume with
+Grove asks a few things of an inference engine: start, generate one response with the
+logprob of each sampled token, abort a request (keeping what it generated), pause and resume with
 requests kept in place, apply new weights without a restart, and stop. Everything else
 (groups, admission, rewards) lives in `rollout.worker`. A GPU user gets the same class;
 only the engine arguments differ.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,14 +39,14 @@ class EngineConfig:
 
 
 @dataclass
-class TokenDelta:
-    """Tokens that arrived in one streaming step, all sampled by the same weights."""
+class Segment:
+    """What one engine request generated, handed over once it ends (finished or aborted)."""
 
     token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: FinishReason | None  # set on the last delta
-    # On the last delta: the policy version that sampled each output token of the whole
-    # request, from vLLM's weight-version spans (None if the engine reported none).
+    logprobs: list[float]  # the sampling logprob of each token
+    finish_reason: FinishReason
+    # The policy version that sampled each token, from vLLM's weight-version spans (None
+    # if the engine reported none). A request paused across an update spans two versions.
     versions: list[int] | None = None
 
 
@@ -130,7 +129,7 @@ class VLLMEngine:
         self._request_counter += 1
         return f"{prefix}-{self._request_counter}"
 
-    async def astream(
+    async def agenerate(
         self,
         prompt_ids: list[int],
         max_tokens: int,
@@ -139,8 +138,13 @@ class VLLMEngine:
         request_id: str | None = None,
         seed: int | None = None,
         min_tokens: int = 0,
-    ) -> AsyncIterator[TokenDelta]:
-        """Stream one sampled response as token deltas, each with its sampling logprob."""
+    ) -> Segment:
+        """Sample one response and return it whole, with each token's sampling logprob.
+
+        Outputs are asked for once, at the end (FINAL_ONLY): per-token streaming costs the
+        rollout core an output object and a coroutine wake-up per request per decode step,
+        and nothing in Grove reads tokens before a request ends. An aborted request still
+        returns every token it generated."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -153,21 +157,22 @@ class VLLMEngine:
             top_p=top_p,
             logprobs=0,
             seed=seed,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY,
             detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
         )
         request_id = request_id or self.new_request_id()
+        final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
-            sample = out.outputs[0]
-            ids = list(sample.token_ids)
-            logprobs = [step[tok].logprob for tok, step in zip(ids, sample.logprobs or [])]
-            if len(logprobs) != len(ids):
-                raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
-            finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
-            if finish is None and out.finished:
-                finish = FinishReason.ABORTED
-            versions = span_versions(sample.weight_versions) if out.finished else None
-            yield TokenDelta(ids, logprobs, finish, versions)
+            final = out
+        if final is None or not final.finished:
+            raise RuntimeError(f"engine request {request_id} ended without a final output")
+        sample = final.outputs[0]
+        ids = list(sample.token_ids)
+        logprobs = [step[tok].logprob for tok, step in zip(ids, sample.logprobs or [])]
+        if len(logprobs) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
+        finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
+        return Segment(ids, logprobs, finish or FinishReason.ABORTED, span_versions(sample.weight_versions))
 
     async def abort(self, request_ids: list[str]) -> None:
         await self.engine.abort(request_ids)

@@ -17,12 +17,8 @@ PROMPTS = ["23+45=", "7*8=", "91-37=", "5-9="]
 async def sample(engine, prompt_ids, n, max_tokens=6, temperature=1.0):
     out = []
     for i in range(n):
-        tokens, logprobs, finish = [], [], None
-        async for d in engine.astream(prompt_ids, max_tokens, temperature=temperature, seed=1000 + i):
-            tokens += d.token_ids
-            logprobs += d.logprobs
-            finish = d.finish_reason or finish
-        out.append((tokens, logprobs, finish))
+        seg = await engine.agenerate(prompt_ids, max_tokens, temperature=temperature, seed=1000 + i)
+        out.append((seg.token_ids, seg.logprobs, seg.finish_reason))
     return out
 
 

@@ -39,9 +39,16 @@ def logprobs_across_a_paused_update(old, new, prompt_ids, response_ids, cut: int
     return logprobs.gather(-1, torch.tensor(response_ids[cut:]).unsqueeze(-1)).squeeze(-1).tolist()
 
 
+def both_under_way(engine, tokens: int = 2) -> bool:
+    """Two requests in the engine with at least `tokens` tokens each. Outputs reach the
+    worker only when a request ends, so this reads vLLM's per-request output state."""
+    states = list(engine.engine.output_processor.request_states.values())
+    return len(states) == 2 and all(st.detokenizer.num_output_tokens() >= tokens for st in states)
+
+
 async def generate_across_an_update(worker, payload: bytes, group_id: str):
     await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id=group_id)])
-    while worker.stats()["rollout/tokens_generated"] < 4:  # both samples under way
+    while not both_under_way(worker.engine):
         await asyncio.sleep(0)
     sync = await worker.update_weights(payload, worker.version + 1)
     got = await worker.collect(min_groups=1, timeout_s=60)
