@@ -117,6 +117,8 @@ class RolloutWorker:
         self._tokens_generated = 0
         self._busy_since: float | None = None
         self._busy_seconds = 0.0
+        self._request_seconds = 0.0  # Σ over time of requests generating: their mean is the engine's concurrency
+        self._active_since = time.perf_counter()
         self._created = time.perf_counter()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -135,9 +137,8 @@ class RolloutWorker:
         await self.engine.alabel(self.version)
         # The first request with logprobs compiles a sampler kernel; pay for it now.
         start = time.perf_counter()
-        async for _ in self.engine.astream(self.tokenizer.encode("1+1="), max_tokens=2):
-            pass
-        # Streaming allocates small objects per token; the default collector then keeps
+        await self.engine.agenerate(self.tokenizer.encode("1+1="), max_tokens=2)
+        # Generation allocates many small objects; the default collector then keeps
         # re-scanning the whole heap of vLLM, torch and transformers modules. Freezing what
         # start-up built and collecting less often gave the rollout-only path 15-25 % more
         # trajectories/s on the built-in model (see docs/benchmarks.md).
@@ -251,21 +252,18 @@ class RolloutWorker:
                 break
             request_id = self.engine.new_request_id()
             self._mark_active(request_id)
-            finish, segment_start, engine_versions = None, traj.num_response_tokens, None
+            segment_start, segment_version = traj.num_response_tokens, self.version
             try:
-                async for delta in self.engine.astream(
-                        traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
-                        request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens)):
-                    # provisional stamp; the engine's labels below replace it
-                    traj.append_tokens(delta.token_ids, delta.logprobs, self.version)
-                    self._tokens_generated += len(delta.token_ids)
-                    finish = delta.finish_reason or finish
-                    engine_versions = delta.versions or engine_versions
+                segment = await self.engine.agenerate(
+                    traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
+                    request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens))
             finally:
                 reason = self._mark_inactive(request_id)
-            if finish is None:
-                raise RuntimeError(f"engine request {request_id} ended without a finish reason")
-            self._stamp_versions(traj, segment_start, engine_versions, request_id)
+            # provisional stamp (the gate keeps a segment on one version); the engine's labels replace it
+            traj.append_tokens(segment.token_ids, segment.logprobs, segment_version)
+            self._tokens_generated += len(segment.token_ids)
+            finish = segment.finish_reason
+            self._stamp_versions(traj, segment_start, segment.versions, request_id)
             if finish is FinishReason.ABORTED and reason == "update":
                 self.counts["samples_interrupted"] += 1
                 continue  # resume on the new weights once the gate reopens
@@ -288,13 +286,20 @@ class RolloutWorker:
                                f"for {len(versions)}")
         traj.versions[start:] = versions
 
+    def _count_request_time(self) -> None:
+        now = time.perf_counter()
+        self._request_seconds += len(self._active) * (now - self._active_since)
+        self._active_since = now
+
     def _mark_active(self, request_id: str) -> None:
+        self._count_request_time()
         if not self._active:
             self._idle.clear()
             self._busy_since = time.perf_counter()
         self._active[request_id] = None
 
     def _mark_inactive(self, request_id: str) -> str | None:
+        self._count_request_time()
         reason = self._active.pop(request_id, None)
         if not self._active:
             self._idle.set()
@@ -419,11 +424,13 @@ class RolloutWorker:
         busy = self._busy_seconds
         if self._busy_since is not None:
             busy += time.perf_counter() - self._busy_since
+        self._count_request_time()
         return {
             **{f"rollout/{k}": float(v) for k, v in self.counts.items()},
             "rollout/in_flight_groups": float(len(self._tasks)),
             "rollout/tokens_generated": float(self._tokens_generated),
             "rollout/busy_s": busy,
+            "rollout/request_s": self._request_seconds,
             "rollout/uptime_s": time.perf_counter() - self._created,
             "rollout/version": float(self.version),
             **self.rewards.metrics(),

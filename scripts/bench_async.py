@@ -17,12 +17,14 @@ One invocation measures, one after the other on the same two cores:
                  eta=0: a group interrupted at version v resumes at v+1, so its tokens
                  cross a version)
    - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt (requests paused in
-                 the engine across each update, rollout.interrupt_by=pause)
-   - async-mask: as async, plus buffer.stragglers=mask: the trainer never waits for a group
-                 still generating when due; its tokens older than eta become context only
+                 the engine across each update, rollout.interrupt_by=pause), buffer.stragglers=mask
+                 (Grove's defaults): the trainer never waits for a group still generating when
+                 due; that group's tokens older than eta become context only (masked tokens column)
+   - async-wait: as async with buffer.stragglers=wait: the trainer waits for such a group, and
+                 every generated token is trained on
    - async-abort (only with --modes): as async with rollout.interrupt_by=abort (requests
                  aborted and re-prefilled at each update instead of paused)
-The summary line uses async, which trains on every token it generates.
+The summary line uses async.
 
 Throughput is trained trajectories per second: consumed groups (ledger) x n_samples over
 the loop's wall time. Pipeline efficiency is the async throughput over the smaller bound.
@@ -57,15 +59,17 @@ def mode_overrides(eta: int) -> dict[str, list[str]]:
     return {
         "sync": ["buffer.max_staleness=0", "rollout.on_update=wait", "rollout.overprovision=1"],
         "sync+april": ["buffer.max_staleness=1", "rollout.on_update=wait", "rollout.overprovision=2"],
-        "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "rollout.overprovision=1"],
-        # the same, but a group still generating when due does not hold the trainer: its
-        # tokens older than eta are kept as context, not trained on (the masked % column)
-        "async-mask": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+        # the default for async runs: a group still generating when due does not hold the
+        # trainer; its tokens older than eta become context only (the masked % column)
+        "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+                  "rollout.overprovision=1"],
+        # the same, but the trainer waits for a straggler: every generated token is trained on
+        "async-wait": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=wait",
                        "rollout.overprovision=1"],
-        # the same as async, with in-flight requests aborted and re-prefilled at each update
-        # instead of paused in the engine (not in the default --modes)
-        "async-abort": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "rollout.interrupt_by=abort",
-                        "rollout.overprovision=1"],
+        # as async, with in-flight requests aborted and re-prefilled at each update instead
+        # of paused in the engine (not in the default --modes)
+        "async-abort": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+                        "rollout.interrupt_by=abort", "rollout.overprovision=1"],
     }
 
 
@@ -338,6 +342,8 @@ def summarize(name: str, cfg, run_dir: Path, total_s: float, error: str | None) 
             "traj_s": consumed * cfg.rollout.n_samples / final["run/loop_s"],
             "rollout_idle": final["run/rollout_idle_ratio"],
             "trainer_idle": final["run/trainer_idle_ratio"],
+            "straggler_wait": final.get("run/trainer_straggler_wait_ratio", float("nan")),
+            "concurrency": final.get("run/rollout_concurrency_mean", float("nan")),
             "ledger": {k.removeprefix("ledger/"): int(v) for k, v in final.items() if k.startswith("ledger/")},
             "lost": int(final["ledger/lost"]),
         })
@@ -416,9 +422,9 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
     lines += [
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
-        "rollout idle | trainer idle | train_step s | weight sync s (drain) | max age: group / batch / masked context | "
+        "rollout idle | requests in flight | trainer idle (straggler wait) | train_step s | weight sync s (drain) | max age: group / batch / masked context | "
         "masked tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     by_mode = {r["mode"]: r for r in rows}
     base = by_mode.get("sync", {}).get("traj_s", nan)
@@ -426,7 +432,8 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
         lines.append(
             f"| {r['mode']} | {r['eta']} | {r['steps']} | {fmt(r['loop_s'], 1)} | {r.get('trajectories', 'n/a')} | "
             f"{fmt(r['traj_s'], 1)} | {fmt(r['traj_s'] / base)} | {fmt(r['steady_traj_s'], 1)} | {fmt(r['exit_s'], 1)} | "
-            f"{fmt(r.get('rollout_idle', nan))} | {fmt(r.get('trainer_idle', nan))} | {fmt(r['train_step_s'], 3)} | "
+            f"{fmt(r.get('rollout_idle', nan))} | {fmt(r.get('concurrency', nan), 1)} | {fmt(r.get('trainer_idle', nan))} "
+            f"({fmt(r.get('straggler_wait', nan))}) | {fmt(r['train_step_s'], 3)} | "
             f"{fmt(r['sync_total_s'], 3)} ({fmt(r['sync_drain_s'], 3)}) | {fmt(r['group_age_max'], 0)} / "
             f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} | {fmt(100 * r['masked_share'], 1)} % |"
         )
@@ -495,7 +502,7 @@ def main() -> None:
     ap.add_argument("--long-tail-min-tokens", type=int, default=40)
     ap.add_argument("--eta", type=int, default=2, help="the async mode's buffer.max_staleness")
     ap.add_argument("--eval-rows", type=int, default=8)
-    ap.add_argument("--modes", default="sync,sync+april,async,async-mask", help="comma-separated subset (for tuning)")
+    ap.add_argument("--modes", default="sync,sync+april,async,async-wait", help="comma-separated subset (for tuning)")
     ap.add_argument("--skip-bounds", action="store_true", help="for tuning: no rollout-only/train-only runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for every mode (repeatable)")

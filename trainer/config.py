@@ -57,10 +57,12 @@ class TaskConfig:
 @dataclass
 class BufferConfig:
     max_staleness: int = 1  # η: no consumed token is more than η versions old
-    # A group still generating when it is due (started η versions ago): `wait` holds the
-    # trainer until it finishes; `mask` trains without it, and when it arrives its tokens
-    # older than η are kept as context only (counted in ledger.masked_tokens).
-    stragglers: str = "wait"
+    # A group still generating when it is due (started η versions ago): `mask` trains
+    # without it, and when it arrives its tokens older than η are kept as context only
+    # (counted in ledger.masked_tokens); `wait` holds the trainer until it finishes, so
+    # every token is trained on. At η = 0 the two are the same: admission starts only one
+    # batch of groups per version, so a batch cannot fill before all of them finish.
+    stragglers: str = "mask"
 
 
 @dataclass
@@ -98,10 +100,6 @@ class GroveConfig:
             raise ValueError(f"buffer.max_staleness must be >= 0, got {eta}")
         if self.buffer.stragglers not in STRAGGLER_POLICIES:
             raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
-        if self.buffer.stragglers == "mask" and eta < 1:
-            raise ValueError("buffer.stragglers=mask with buffer.max_staleness=0 would mask every token of a "
-                             "straggler (at η = 0 nothing may be older than the current version); use "
-                             "buffer.stragglers=wait for synchronous training, or buffer.max_staleness >= 1.")
         if eta > 0 and not self.algorithm.decoupled and self.algorithm.tis == "none":
             raise ValueError(
                 f"buffer.max_staleness={eta} trains on samples up to {eta} policy versions old, but "

@@ -169,6 +169,10 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     loop_start = last_time = time.perf_counter()
     first_stats = last_stats = ray.get(worker.stats.remote())
     trainer_idle, trainer_idle_since = 0.0, loop_start
+    # Idle time split by cause: a full batch is buffered but a straggler is due (deadline
+    # wait), or too few groups have finished (the rollout is the bottleneck).
+    straggler_wait, idle_mark, full_batch_waiting = 0.0, loop_start, False
+    trained_tokens = 0.0
 
     while version < total or syncs or eval_ref is not None:
         if version < total:
@@ -192,12 +196,18 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
         sync_ref = syncs[0].ref if syncs else None
         pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
         ready, _ = ray.wait(pending, num_returns=1)
+        now = time.perf_counter()
+        if train_ref is None and full_batch_waiting and version < total:
+            straggler_wait += now - idle_mark
+        idle_mark = now
         if collect_ref in ready:
             got = ray.get(collect_ref)
             sched.absorb(got.groups, got.dropped, got.partial)
             collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
+        full_batch_waiting = len(sched.buffer) >= cfg.trainer.batch_groups
         if train_ref is not None and train_ref in ready:
             step_metrics = ray.get(train_ref)
+            trained_tokens += step_metrics["train/num_tokens"]
             train_ref = None
             trainer_idle_since = time.perf_counter()
             version += 1
@@ -223,6 +233,8 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
                 "rollout/tokens_per_s": (stats["rollout/tokens_generated"] - last_stats["rollout/tokens_generated"]) / wall,
                 "rollout/idle_ratio": 1.0 - (stats["rollout/busy_s"] - last_stats["rollout/busy_s"]) / wall,
                 "trainer/idle_ratio": trainer_idle / max(now - loop_start, 1e-9),
+                "trainer/straggler_wait_ratio": straggler_wait / max(now - loop_start, 1e-9),
+                "rollout/concurrency_mean": (stats["rollout/request_s"] - last_stats["rollout/request_s"]) / wall,
                 "batch/partial_ratio": done.partial_ratio,
                 "staleness/group_age_max": float(max(done.batch_ages)),
                 "staleness/group_age_mean": sum(done.batch_ages) / len(done.batch_ages),
@@ -259,8 +271,18 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     summary = sched.summary(cancelled)
     logger.log(version, {"run/rollout_idle_ratio": 1 - (stats["rollout/busy_s"] - first_stats["rollout/busy_s"]) / wall,
                          "run/trainer_idle_ratio": trainer_idle / wall, "run/loop_s": wall,
+                         "run/trainer_straggler_wait_ratio": straggler_wait / wall,
+                         "run/rollout_concurrency_mean": (stats["rollout/request_s"] - first_stats["rollout/request_s"]) / wall,
                          **{f"ledger/{k}": float(v) for k, v in summary.items()}})
     logger.progress(f"ledger: {summary}")
+    masked_share = summary["masked_tokens"] / max(summary["masked_tokens"] + trained_tokens, 1.0)
+    if masked_share > 0.2:
+        logger.progress(
+            f"note: {masked_share:.0%} of the generated tokens were kept as context only, not trained on "
+            f"(older than buffer.max_staleness={cfg.buffer.max_staleness} when consumed). A larger "
+            "buffer.max_staleness or trainer.batch_groups leaves slow groups more time"
+            + ("." if sched.april else "; buffer.stragglers=wait trains every token at the price of the "
+               "trainer waiting for them") + " See docs/async.md.")
     if summary["lost"] != 0:
         raise RuntimeError(f"the ledger does not balance: {summary}")
     return version, summary

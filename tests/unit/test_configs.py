@@ -52,7 +52,6 @@ def test_unknown_key_is_refused():
     ("rollout.n_samples=0", "n_samples"),
     ("buffer.max_staleness=-1", "max_staleness"),
     ("buffer.stragglers=drop", "buffer.stragglers"),
-    (["buffer.stragglers=mask", "buffer.max_staleness=0"], "stragglers=mask with buffer.max_staleness=0"),
     ("rollout.interrupt_by=restart", "interrupt_by"),
     ("trainer.bucket_overhead_tokens=-1", "bucket_overhead_tokens"),
 ])

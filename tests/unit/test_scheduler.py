@@ -34,6 +34,7 @@ class Sim:
         self.live: dict[str, Group] = {}  # generating on the worker
         self.next_id = 0
         self.consumed_ages: list[int] = []
+        self.batches: list[list[str]] = []  # group ids of every batch handed out, in order
         self.unsynced = False
 
     def admit(self) -> None:
@@ -94,6 +95,7 @@ class Sim:
         batch = self.sched.next_batch(self.version)
         if batch is None:
             return
+        self.batches.append(sorted(g.group_id for g in batch))
         for g in batch:
             for t in g.trajectories:
                 self.consumed_ages += [self.version - v for v, m in zip(t.versions, t.loss_mask) if m]
@@ -147,6 +149,20 @@ def test_april_partial_rollouts_never_train_a_stale_token(events, batch_groups, 
 @given(events=schedules, batch_groups=st.integers(1, 4), eta=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_masking_stragglers_never_trains_a_stale_token(events, batch_groups, eta, seed):
     Sim(batch_groups, eta, stragglers="mask").play(events, seed)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(events=schedules, batch_groups=st.integers(1, 4), seed=st.integers(0, 2**16),
+       dynamic_sampling=st.booleans())
+def test_at_eta_zero_masking_stragglers_is_waiting_for_them(events, batch_groups, seed, dynamic_sampling):
+    """Synchronous training has no stragglers to skip: admission starts one batch of groups
+    per version, so the batch fills only when every one of them has finished."""
+    runs = [Sim(batch_groups, 0, dynamic_sampling=dynamic_sampling, stragglers=policy) for policy in ("wait", "mask")]
+    for sim in runs:
+        sim.play(events, seed)
+    wait, mask = runs
+    assert mask.batches == wait.batches and mask.version == wait.version
+    assert mask.sched.ledger.masked_tokens == 0
 
 
 @pytest.mark.parametrize("eta,overprovision,stragglers", [
