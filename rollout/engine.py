@@ -158,6 +158,7 @@ class VLLMEngine:
             logprobs=0,
             seed=seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            flat_logprobs=True,  # a few flat lists per request, not a dict and a Logprob object per token
             detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
         )
         request_id = request_id or self.new_request_id()
@@ -168,7 +169,11 @@ class VLLMEngine:
             raise RuntimeError(f"engine request {request_id} ended without a final output")
         sample = final.outputs[0]
         ids = list(sample.token_ids)
-        logprobs = [step[tok].logprob for tok, step in zip(ids, sample.logprobs or [])]
+        flat = sample.logprobs
+        if getattr(flat, "token_ids", None) == ids and len(flat.logprobs) == len(ids):
+            logprobs = list(flat.logprobs)  # one entry per position: the sampled token's
+        else:
+            logprobs = [step[tok].logprob for tok, step in zip(ids, flat or [])]
         if len(logprobs) != len(ids):
             raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
         finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
