@@ -356,13 +356,14 @@ class RolloutWorker:
         return out
 
     # -- weights ---------------------------------------------------------------------
-    async def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
+    async def update_weights(self, payload: bytes, version: int) -> dict:
         """Load the trainer's weights for `version` (see the module docstring for what
-        happens to requests in flight)."""
+        happens to requests in flight). Returns the load's timings and, under "stats",
+        `stats()` as of its end, so the launcher logs a step without another call."""
         async with self._update_lock:
             return await self._update_weights(payload, version)
 
-    async def _update_weights(self, payload: bytes, version: int) -> dict[str, float]:
+    async def _update_weights(self, payload: bytes, version: int) -> dict:
         if version <= self.version:
             raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
         start = time.perf_counter()
@@ -393,7 +394,7 @@ class RolloutWorker:
         now = time.perf_counter()
         return {"weight_sync_apply_s": now - start, "weight_sync_drain_s": drained - start,
                 "weight_sync_load_s": now - drained, "weight_bytes": len(payload),
-                "requests_interrupted": interrupted}
+                "requests_interrupted": interrupted, "stats": self.stats()}
 
     # -- evaluation and stats ----------------------------------------------------------
     async def evaluate(self, rows: list[dict], prompt_key: str = "prompt") -> dict[str, float]:

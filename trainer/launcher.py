@@ -217,7 +217,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             done = syncs.popleft()
             sync = ray.get(done.ref)
             synced = done.version
-            stats = ray.get(worker.stats.remote())
+            stats = sync["stats"]  # taken as the load finished: no second round trip to a busy actor
             now = time.perf_counter()
             ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])
             wall = max(now - last_time, 1e-9)
