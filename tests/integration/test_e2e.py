@@ -45,8 +45,11 @@ def test_short_run_completes_and_records_several_policy_versions(tmp_path, model
     assert "ledger: {" in out.stderr and "'lost': 0" in out.stderr
     assert (run_dir / "config.yaml").read_text().startswith("model:")
     for key in ("staleness/group_age_max", "staleness/token_age_mean", "rollout/idle_ratio", "trainer/idle_ratio",
-                "batch/partial_ratio", "loss/is_weight_mean", "loss/mismatch_kl", "ledger/started"):
+                "batch/partial_ratio", "loss/is_weight_mean", "loss/mismatch_kl", "ledger/started",
+                "trainer/straggler_wait_ratio", "rollout/concurrency_mean"):
         assert all(key in r for r in steps), key
+    assert all(0.0 <= r["trainer/straggler_wait_ratio"] <= r["trainer/idle_ratio"] + 1e-9 for r in steps)
+    assert all(r["rollout/concurrency_mean"] > 0 for r in steps)  # something generated between steps
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline, "W&B should run offline without an API key"
     logged = offline[0].read_bytes()  # W&B's record log keeps metric names as plain strings
