@@ -356,6 +356,9 @@ def summarize(name: str, cfg, run_dir: Path, total_s: float, error: str | None) 
     trained = sum(r.get("train/num_tokens", 0.0) for r in steps)
     masked = (final or (steps[-1] if steps else {})).get("ledger/masked_tokens", 0.0)
     row["masked_share"] = masked / (masked + trained) if masked + trained else float("nan")
+    # trajectories/s counts a trajectory whose older tokens were masked as fully trained;
+    # trained (unmasked) tokens per second does not
+    row["trained_tok_s"] = trained / row["loop_s"]  # nan for a failed run
     row.update({
         "group_age_max": peak("staleness/group_age_max"),
         "batch_age_max": peak("batch/age_max", only_trained=True),
@@ -423,8 +426,8 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
         "rollout idle | requests in flight | trainer idle (straggler wait) | train_step s | weight sync s (drain) | max age: group / batch / masked context | "
-        "masked tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "masked tokens | trained tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     by_mode = {r["mode"]: r for r in rows}
     base = by_mode.get("sync", {}).get("traj_s", nan)
@@ -435,7 +438,8 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{fmt(r.get('rollout_idle', nan))} | {fmt(r.get('concurrency', nan), 1)} | {fmt(r.get('trainer_idle', nan))} "
             f"({fmt(r.get('straggler_wait', nan))}) | {fmt(r['train_step_s'], 3)} | "
             f"{fmt(r['sync_total_s'], 3)} ({fmt(r['sync_drain_s'], 3)}) | {fmt(r['group_age_max'], 0)} / "
-            f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} | {fmt(100 * r['masked_share'], 1)} % |"
+            f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} | {fmt(100 * r['masked_share'], 1)} % | "
+            f"{fmt(r['trained_tok_s'], 0)} |"
         )
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
