@@ -22,6 +22,9 @@ from typing import Optional
 from buffer.types import FinishReason
 
 
+EXECUTORS = ("uniproc", "mp", "ray")
+
+
 @dataclass
 class EngineConfig:
     """vLLM engine arguments Grove sets; see shared/reference/platform-vllm-cpu.md."""
@@ -31,11 +34,23 @@ class EngineConfig:
     block_size: int = 32  # prefix caching reuses whole blocks only
     enforce_eager: bool = True  # compiled mode starts 10x slower on CPU and is no faster
     multiprocess: bool = True  # engine core in its own process: slower start, faster steps
+    # Where the model runs: "uniproc" inside the engine-core process; "mp" in a worker
+    # process of its own (vLLM-CPU's default; needed for tensor_parallel_size > 1); "ray".
+    # With one core for the whole engine, mp's scheduler and worker spin-wait on each
+    # other through shared memory every step (docs/benchmarks.md: +10-15 % tokens/s in-core).
+    executor: str = "uniproc"
     cpu_cores: Optional[str] = "0"  # VLLM_CPU_OMP_THREADS_BIND; null = vLLM's default
     dtype: str = "float32"
     enable_prefix_caching: bool = True
     seed: int = 0
     extra_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"rollout.engine.executor={self.executor!r} is not one of {list(EXECUTORS)}")
+        if self.executor == "uniproc" and int(self.extra_args.get("tensor_parallel_size", 1)) > 1:
+            raise ValueError("rollout.engine.executor=uniproc runs one model replica in the engine-core process; "
+                             "tensor_parallel_size > 1 needs rollout.engine.executor=mp (or ray)")
 
 
 @dataclass
@@ -58,6 +73,20 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
     if cfg.cpu_cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(cfg.cpu_cores)
     return env
+
+
+def executor_backend(cfg: EngineConfig):
+    """vLLM's distributed_executor_backend for `cfg.executor`.
+
+    vLLM-CPU rewrites the string "uni" to "mp" whenever the engine core has its own
+    process, so the in-core executor is passed as a class, which vLLM takes as given."""
+    if cfg.executor != "uniproc":
+        return cfg.executor
+    if not cfg.multiprocess:
+        return "uni"
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return UniProcExecutor
 
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORTED}
@@ -108,8 +137,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls="rollout.weight_sync.GroveWorkerExtension",
             disable_log_stats=True,  # Grove logs its own metrics; vLLM's per-token stats cost CPU on the rollout core
-            distributed_executor_backend=None if self.cfg.multiprocess else "uni",
-            **self.cfg.extra_args,
+            **{"distributed_executor_backend": executor_backend(self.cfg), **self.cfg.extra_args},
         )
         self._engine = AsyncLLM.from_engine_args(args)
         await self.alabel(0)  # vLLM's default label is "default"; every token reports a Grove version

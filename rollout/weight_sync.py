@@ -1,9 +1,10 @@
-"""The receiving side of weight sync, run inside vLLM's worker process.
+"""The receiving side of weight sync, run where vLLM runs the model.
 
-vLLM loads this class into its worker (`worker_extension_cls`), so
-`engine.collective_rpc("grove_load_weights", args=(payload,))` calls it there. The
-payload is a safetensors blob: in vLLM's multi-process mode tensors passed through
-collective_rpc arrive as plain lists, but bytes arrive intact. On CPU the weights must
+vLLM loads this class into its model worker (`worker_extension_cls`): inside the
+engine-core process with `rollout.engine.executor=uniproc`, in a worker process of its own
+with `mp`. `engine.collective_rpc("grove_load_weights", args=(payload,))` calls it there.
+The payload is a safetensors blob: tensors passed through collective_rpc across a process
+boundary arrive as plain lists, but bytes arrive intact. On CPU the weights must
 go through `reload_weights` (linear layers are repacked into oneDNN handles, so
 writing parameters directly corrupts them).
 """

@@ -72,3 +72,12 @@ def test_trainer_update_moves_vllm_to_the_trainers_new_weights(engine, loop_thre
         now = reference_logprobs(trainer.engine.module, ids, tokens)
         moved = max(moved, max(abs(a - b) for a, b in zip(now, old_logprobs)))
     assert moved > 1e-3
+
+
+def test_default_engine_runs_the_model_inside_the_engine_core_process(engine):
+    """executor=uniproc: the engine core has no separate model-worker process to spin-wait on."""
+    import psutil
+
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert any("EngineCore" in n for n in names), names
+    assert not any("Worker" in n for n in names), names

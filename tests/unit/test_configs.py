@@ -54,6 +54,8 @@ def test_unknown_key_is_refused():
     ("buffer.stragglers=drop", "buffer.stragglers"),
     ("rollout.interrupt_by=restart", "interrupt_by"),
     ("trainer.bucket_overhead_tokens=-1", "bucket_overhead_tokens"),
+    ("rollout.engine.executor=threads", "rollout.engine.executor"),
+    (["rollout.engine.executor=uniproc", "+rollout.engine.extra_args.tensor_parallel_size=2"], "executor=mp"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(Exception, match=message):

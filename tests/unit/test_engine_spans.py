@@ -28,3 +28,12 @@ def test_no_spans_means_unknown_not_empty():
 def test_a_label_that_is_not_a_grove_version_is_an_error():
     with pytest.raises(RuntimeError, match="'default'"):
         span_versions([Span("default", 0, 3)])
+
+
+def test_executor_names_map_to_vllm_backends():
+    from rollout.engine import EngineConfig, executor_backend
+
+    assert executor_backend(EngineConfig(executor="mp")) == "mp"
+    assert executor_backend(EngineConfig(executor="ray")) == "ray"
+    # without its own engine-core process, vLLM's own "uni" is already in-process
+    assert executor_backend(EngineConfig(executor="uniproc", multiprocess=False)) == "uni"
