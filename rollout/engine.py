@@ -115,6 +115,7 @@ class VLLMEngine:
         self.cfg = cfg
         self._engine = None
         self._request_counter = 0
+        self._params_cache: dict[tuple, object] = {}
 
     async def astart(self) -> float:
         """Start the engine; returns seconds taken."""
@@ -173,22 +174,9 @@ class VLLMEngine:
         rollout core an output object and a coroutine wake-up per request per decode step,
         and nothing in Grove reads tokens before a request ends. An aborted request still
         returns every token it generated."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=1,
-            max_tokens=max_tokens,
-            min_tokens=min(min_tokens, max_tokens),
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=0,
-            seed=seed,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            flat_logprobs=True,  # a few flat lists per request, not a dict and a Logprob object per token
-            detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
-        )
+        params = self._sampling_params(max_tokens, min(min_tokens, max_tokens), temperature, top_p, seed)
         request_id = request_id or self.new_request_id()
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
@@ -206,6 +194,33 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
         finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
         return Segment(ids, logprobs, finish or FinishReason.ABORTED, span_versions(sample.weight_versions))
+
+    def _sampling_params(self, max_tokens: int, min_tokens: int, temperature: float, top_p: float,
+                         seed: int | None):
+        """One SamplingParams per distinct setting, shared by requests (vLLM copies it per
+        request): building one validates every field, a cost paid per request otherwise."""
+        key = (max_tokens, min_tokens, temperature, top_p, seed)
+        params = self._params_cache.get(key)
+        if params is None:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            params = SamplingParams(
+                n=1,
+                max_tokens=max_tokens,
+                min_tokens=min_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                logprobs=0,
+                seed=seed,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                flat_logprobs=True,  # a few flat lists per request, not a dict and a Logprob object per token
+                detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
+            )
+            if len(self._params_cache) >= 4096:  # per-request seeds would otherwise grow it without end
+                self._params_cache.clear()
+            self._params_cache[key] = params
+        return params
 
     async def abort(self, request_ids: list[str]) -> None:
         await self.engine.abort(request_ids)
