@@ -11,7 +11,8 @@ groups is made here, so the property tests drive exactly the code a run uses:
   straggler's tokens older than η become context only (kept, not trained on) when it
   is consumed;
 - partial groups (APRIL): handed back unfinished, resumed first after the next weight
-  sync, with tokens older than η masked out of the loss (they stay as context);
+  sync, with tokens older than η masked out of the loss (they stay as context); or, with
+  requests paused rather than aborted, held in the engine across the sync (`hold_running`);
 - the ledger, which must balance at every moment.
 """
 
@@ -92,6 +93,17 @@ class RolloutScheduler:
                 return 0
             return max(0, self.in_flight_target - len(self.running) - len(self.buffer))
         return self.gate.capacity(synced, self.ledger.started - self.ledger.retired)
+
+    def hold_running(self) -> int:
+        """APRIL with requests paused, not aborted, at the batch boundary: the groups still
+        generating stay in the engine and go on first on the next weights. They cross a
+        version as a partial group does, so they count as partial and resumed; their
+        tokens older than η leave the loss when consumed (`next_batch`)."""
+        held = list(self.running)
+        self.was_partial.update(held)
+        self.ledger.partial += len(held)
+        self.ledger.resumed += len(held)
+        return len(held)
 
     def started(self, group_ids: Iterable[str], start_version: int) -> None:
         for group_id in group_ids:

@@ -17,8 +17,11 @@ even for a request that runs across an update. A weight update, by `rollout.on_u
 - `mask`: as interrupt, but a response's tokens older than its newest ones leave the
   loss (kept as context).
 
-`interrupt_groups` (APRIL) aborts everything in flight and hands the unfinished groups
-back as partial groups; `resume` continues them later. Nothing generated is discarded.
+`interrupt_groups` (APRIL, at each batch boundary) stops everything in flight, again by
+`rollout.interrupt_by`: `pause` holds the requests in the engine, and the next weight
+update resumes them first, on the new weights over the context already cached; `abort`
+ends them and hands the unfinished groups back as partial groups, which `resume`
+continues later (re-prefilled). Nothing generated is discarded.
 
 The class is plain: tests drive it in-process, the launcher wraps it as a Ray actor.
 """
@@ -118,6 +121,7 @@ class RolloutWorker:
         self._busy_since: float | None = None
         self._busy_seconds = 0.0
         self._request_seconds = 0.0  # Σ over time of requests generating: their mean is the engine's concurrency
+        self._paused = False  # requests held in the engine (a weight load, or an APRIL batch boundary)
         self._active_since = time.perf_counter()
         self._created = time.perf_counter()
 
@@ -186,11 +190,37 @@ class RolloutWorker:
         return len(groups)
 
     async def interrupt_groups(self) -> int:
-        """APRIL: abort everything in flight; unfinished groups come back through `collect`
-        as partial groups, including samples waiting to start a segment. Returns the
-        number of requests aborted."""
+        """APRIL: stop everything in flight until the next weight update. With
+        interrupt_by=pause the requests wait in the engine and that update resumes them;
+        with abort the unfinished groups come back through `collect` as partial groups,
+        including samples waiting to start a segment. Returns the number of requests."""
+        if self.cfg.interrupt_by == "pause":
+            await self._pause()
+            return len(self._active)
         self._interrupts += 1
         return await self._abort_active("partial")
+
+    async def _pause(self) -> None:
+        """Hold every request in the engine; the time held counts as idle, not busy.
+        (A batch boundary that arrives while a weight load holds the engine is already
+        served: its requests go on once the load ends, stamped with the new version.)"""
+        if self._paused:
+            return
+        self._count_request_time()
+        self._paused = True  # before the await: a concurrent call must see it
+        if self._busy_since is not None:
+            self._busy_seconds += time.perf_counter() - self._busy_since
+            self._busy_since = None
+        await self.engine.apause()
+
+    async def _resume(self) -> None:
+        if not self._paused:
+            return
+        await self.engine.aresume()
+        self._count_request_time()
+        self._paused = False
+        if self._active:
+            self._busy_since = time.perf_counter()
 
     def _spawn(self, group: Group) -> None:
         task = asyncio.create_task(self._run_group(group))
@@ -277,7 +307,8 @@ class RolloutWorker:
         """Stamp a segment's tokens with the versions the engine reports sampled them."""
         count = traj.num_response_tokens - start
         if versions is None:
-            if count and self.cfg.interrupt_by == "pause" and self.cfg.on_update != "wait":
+            if count and self.cfg.interrupt_by == "pause" and (self.cfg.on_update != "wait"
+                                                               or self.cfg.overprovision > 1):
                 raise RuntimeError(f"engine request {request_id} reported no weight versions; without them "
                                    "tokens sampled across a paused update cannot be stamped")
             return  # the gate kept the segment on one version: the provisional stamp is exact
@@ -288,14 +319,16 @@ class RolloutWorker:
 
     def _count_request_time(self) -> None:
         now = time.perf_counter()
-        self._request_seconds += len(self._active) * (now - self._active_since)
+        if not self._paused:
+            self._request_seconds += len(self._active) * (now - self._active_since)
         self._active_since = now
 
     def _mark_active(self, request_id: str) -> None:
         self._count_request_time()
         if not self._active:
             self._idle.clear()
-            self._busy_since = time.perf_counter()
+            if not self._paused:
+                self._busy_since = time.perf_counter()
         self._active[request_id] = None
 
     def _mark_inactive(self, request_id: str) -> str | None:
@@ -367,8 +400,10 @@ class RolloutWorker:
         if version <= self.version:
             raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
         start = time.perf_counter()
-        if self.cfg.on_update != "wait" and self.cfg.interrupt_by == "pause":
-            await self.engine.apause()  # requests stay in the engine, with their cache
+        if self._paused or (self.cfg.on_update != "wait" and self.cfg.interrupt_by == "pause"):
+            # requests stay in the engine with their cache (already held there by an APRIL
+            # batch boundary, or paused now) and go on over it on the new weights
+            await self._pause()
             try:
                 drained = time.perf_counter()
                 interrupted = len(self._active)
@@ -376,7 +411,7 @@ class RolloutWorker:
                 self.version = version
                 await self.engine.aload_weights(payload, version, idle=False)
             finally:
-                await self.engine.aresume()
+                await self._resume()
             self.counts["prefix_cache_kept"] += 1
         else:
             self._gate.clear()

@@ -15,7 +15,9 @@ One invocation measures, one after the other on the same two cores:
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
    - sync+april: buffer.max_staleness=1, rollout.on_update=wait, rollout.overprovision=2 (APRIL; refused at
                  eta=0: a group interrupted at version v resumes at v+1, so its tokens
-                 cross a version)
+                 cross a version). At each batch boundary the requests still generating are
+                 held in the engine until the next weights (rollout.interrupt_by=pause);
+                 --set rollout.interrupt_by=abort hands them back as partial groups instead
    - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt (requests paused in
                  the engine across each update, rollout.interrupt_by=pause), buffer.stragglers=mask
                  (Grove's defaults): the trainer never waits for a group still generating when

@@ -188,7 +188,9 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             batch = sched.next_batch(version)
             if batch is not None:
                 if sched.april:
-                    worker.interrupt_groups.remote()  # the rest comes back as partial groups
+                    if cfg.rollout.interrupt_by == "pause":
+                        sched.hold_running()  # the rest waits in the engine for the next weights
+                    worker.interrupt_groups.remote()  # (with abort: comes back as partial groups)
                 train_ref = trainer.train_step.remote(batch)
                 batch_ages = [version - g.start_version for g in batch]
                 partial_ratio = sched.partial_ratio(batch)

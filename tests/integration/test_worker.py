@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from buffer.prompts import PromptItem
-from buffer.types import FinishReason
+from buffer.types import FinishReason, Group, Trajectory
 from rewards.runner import RewardConfig
 from rollout.worker import RolloutConfig, RolloutWorker
 
@@ -131,3 +131,69 @@ def test_wait_mode_lets_requests_finish_on_the_old_weights(make_worker, trainer,
     for traj in group.trajectories:
         assert len(set(traj.versions)) == 1 and traj.num_response_tokens == 56
     assert worker.counts["samples_interrupted"] == 0
+
+
+@pytest.fixture(scope="module")
+def make_april_worker(model_path, engine, loop_thread):
+    def make(interrupt_by: str) -> RolloutWorker:
+        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update="wait",
+                            interrupt_by=interrupt_by, overprovision=2.0)
+        worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
+        loop_thread.run(worker.astart())
+        return worker
+    return make
+
+
+def _tokens_so_far(engine) -> list[int]:
+    return [st.detokenizer.num_output_tokens() for st in engine.engine.output_processor.request_states.values()]
+
+
+@pytest.mark.parametrize("interrupt_by", ["abort", "pause"])
+def test_april_batch_boundary_hands_requests_to_the_next_weights(make_april_worker, trainer, loop_thread,
+                                                                  interrupt_by):
+    """APRIL's interrupt at a batch boundary: nothing is lost, and the group ends on the next
+    weights with every token stamped by the version that sampled it. pause holds the
+    requests in the engine (no token is sampled until the new weights are in); abort hands
+    the group back as partial, to be resumed (re-prefilled) after the load."""
+    worker = make_april_worker(interrupt_by)
+    loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))
+    v0 = worker.version = trainer.version
+    loop_thread.run(worker.engine.alabel(v0))
+
+    async def run():
+        await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2,
+                                        group_id=f"april-{interrupt_by}")])
+        while not both_under_way(worker.engine):
+            await asyncio.sleep(0)
+        interrupted = await worker.interrupt_groups()
+        held = _tokens_so_far(worker.engine)
+        await asyncio.sleep(0.3)  # the trainer's step would run now
+        partial = await worker.collect(min_groups=1 if interrupt_by == "abort" else 0, timeout_s=30)
+        return interrupted, held, _tokens_so_far(worker.engine), partial
+
+    interrupted, held, later, partial = loop_thread.run(run())
+    assert interrupted == 2
+    if interrupt_by == "pause":
+        assert later == held and not partial.partial and not partial.groups  # held in place
+    else:
+        assert len(partial.partial) == 1 and not partial.groups
+        for traj in partial.partial[0].trajectories:
+            assert traj.finish_reason is FinishReason.ABORTED and 2 <= traj.num_response_tokens < 56
+            assert set(traj.versions) == {v0}
+    g = Group(group_id="warm", prompt_id="p", prompt_text=ROW["prompt"], row=ROW)
+    for reward in (0.0, 1.0):
+        t = Trajectory(prompt_id="p", group_id="warm", prompt_ids=[3, 4, 12, 5, 6, 16])
+        t.append_tokens([6, 8, 1], [-1.0, -1.0, -0.1], trainer.version)
+        t.reward, t.finish_reason = reward, FinishReason.STOP
+        g.trajectories.append(t)
+    trainer.train_step([g])
+    sync = loop_thread.run(worker.update_weights(trainer.export_weights(), v0 + 1))
+    assert sync["requests_interrupted"] == (2 if interrupt_by == "pause" else 0)
+    if interrupt_by == "abort":
+        loop_thread.run(worker.resume(partial.partial))
+    got = loop_thread.run(worker.collect(min_groups=1, timeout_s=60))
+    assert len(got.groups) == 1 and not got.partial
+    for traj in got.groups[0].trajectories:
+        assert traj.finish_reason is FinishReason.LENGTH and traj.num_response_tokens == 56
+        assert traj.versions == sorted(traj.versions) and set(traj.versions) == {v0, v0 + 1}
+        assert len(traj.behaviour_logprobs) == 56
