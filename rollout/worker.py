@@ -122,6 +122,7 @@ class RolloutWorker:
         self._busy_seconds = 0.0
         self._request_seconds = 0.0  # Σ over time of requests generating: their mean is the engine's concurrency
         self._paused = False  # requests held in the engine (a weight load, or an APRIL batch boundary)
+        self._held = False  # ... and the engine has stopped: the clocks of busy and request time stop
         self._active_since = time.perf_counter()
         self._created = time.perf_counter()
 
@@ -206,19 +207,20 @@ class RolloutWorker:
         served: its requests go on once the load ends, stamped with the new version.)"""
         if self._paused:
             return
-        self._count_request_time()
         self._paused = True  # before the await: a concurrent call must see it
+        await self.engine.apause()  # returns when the engine's current step is done
+        self._count_request_time()
+        self._held = True
         if self._busy_since is not None:
             self._busy_seconds += time.perf_counter() - self._busy_since
             self._busy_since = None
-        await self.engine.apause()
 
     async def _resume(self) -> None:
         if not self._paused:
             return
         await self.engine.aresume()
         self._count_request_time()
-        self._paused = False
+        self._held = self._paused = False
         if self._active:
             self._busy_since = time.perf_counter()
 
@@ -319,7 +321,7 @@ class RolloutWorker:
 
     def _count_request_time(self) -> None:
         now = time.perf_counter()
-        if not self._paused:
+        if not self._held:
             self._request_seconds += len(self._active) * (now - self._active_since)
         self._active_since = now
 
@@ -327,7 +329,7 @@ class RolloutWorker:
         self._count_request_time()
         if not self._active:
             self._idle.clear()
-            if not self._paused:
+            if not self._held:
                 self._busy_since = time.perf_counter()
         self._active[request_id] = None
 

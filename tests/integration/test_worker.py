@@ -166,15 +166,16 @@ def test_april_batch_boundary_hands_requests_to_the_next_weights(make_april_work
         while not both_under_way(worker.engine):
             await asyncio.sleep(0)
         interrupted = await worker.interrupt_groups()
-        held = _tokens_so_far(worker.engine)
+        held, busy = _tokens_so_far(worker.engine), worker.stats()["rollout/busy_s"]
         await asyncio.sleep(0.3)  # the trainer's step would run now
         partial = await worker.collect(min_groups=1 if interrupt_by == "abort" else 0, timeout_s=30)
-        return interrupted, held, _tokens_so_far(worker.engine), partial
+        return interrupted, held, _tokens_so_far(worker.engine), partial, worker.stats()["rollout/busy_s"] - busy
 
-    interrupted, held, later, partial = loop_thread.run(run())
+    interrupted, held, later, partial, busy_while_held = loop_thread.run(run())
     assert interrupted == 2
     if interrupt_by == "pause":
         assert later == held and not partial.partial and not partial.groups  # held in place
+        assert busy_while_held < 0.05  # held is idle time, not busy
     else:
         assert len(partial.partial) == 1 and not partial.groups
         for traj in partial.partial[0].trajectories:
