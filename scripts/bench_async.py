@@ -10,6 +10,9 @@ One invocation measures, one after the other on the same two cores:
      submitted at once (no admission limit, no training, no weight updates);
    - train-only: `Trainer.train_step` on those already generated groups, B per call,
      all calls queued back to back (the trainer never waits for data);
+   - for diagnosis only (not in the summary line): the same groups again, with at most
+     (eta + 1) x B in flight, refilled as they finish: the rollout under the async mode's
+     admission window, with a trainer that consumes instantly and no weight updates;
 2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
@@ -102,8 +105,9 @@ def compose_config(overrides: list[str]):
 
 
 # -- bounds ----------------------------------------------------------------------------
-def measure_bounds(cfg, num_groups: int, train_batches: int) -> dict[str, float]:
-    """Rollout-only and train-only throughput (trajectories/s) on this workload."""
+def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int) -> dict[str, float]:
+    """Rollout-only and train-only throughput (trajectories/s) on this workload, and the
+    rollout alone under an admission window of `window_groups` groups in flight."""
     import ray
 
     from buffer.prompts import PromptPool
@@ -137,6 +141,10 @@ def measure_bounds(cfg, num_groups: int, train_batches: int) -> dict[str, float]
                           for g in groups) if cfg.rollout.long_tail_min_tokens else 0
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
             f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
+        windowed_s = rollout_in_window(worker, PromptPool(data.train, n, seed=cfg.seed + 1,
+                                                          prompt_key=cfg.task.prompt_key).next(num_groups),
+                                       window_groups)
+        say(f"bounds: rollout in a window of {window_groups} groups: {num_groups} groups in {windowed_s:.2f}s")
 
         batches = [groups[i * batch_groups:(i + 1) * batch_groups] for i in range(len(groups) // batch_groups)]
         batches = (batches * math.ceil(train_batches / max(len(batches), 1)))[:train_batches]
@@ -159,6 +167,8 @@ def measure_bounds(cfg, num_groups: int, train_batches: int) -> dict[str, float]
         ray.shutdown()
     return {
         "rollout_only_traj_s": num_groups * n / rollout_s,
+        "rollout_window_traj_s": num_groups * n / windowed_s,
+        "rollout_window_groups": window_groups,
         "rollout_only_s": rollout_s,
         "rollout_only_groups": num_groups,
         "rollout_only_tok_s": tokens / rollout_s,
@@ -172,6 +182,28 @@ def measure_bounds(cfg, num_groups: int, train_batches: int) -> dict[str, float]
         "rollout_cpu": rollout_cpu,
         "train_cpu": train_cpu,
     }
+
+
+def rollout_in_window(worker, items, window: int) -> float:
+    """Seconds to generate `items` with at most `window` groups in flight, refilled as
+    groups finish: the async mode's admission window (AReaL's rule with a trainer that
+    consumes instantly), without training or weight updates."""
+    import ray
+
+    start = time.perf_counter()
+    submitted = min(window, len(items))
+    ray.get(worker.submit.remote(items[:submitted]))
+    done = 0
+    while done < len(items):
+        got = ray.get(worker.collect.remote(min_groups=1, timeout_s=60.0))
+        if got.dropped or got.partial:
+            raise RuntimeError(f"rollout in a window: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
+        done += len(got.groups)
+        refill = items[submitted:submitted + len(got.groups)]
+        if refill:
+            ray.get(worker.submit.remote(refill))
+            submitted += len(refill)
+    return time.perf_counter() - start
 
 
 # -- where the CPU goes -----------------------------------------------------------------
@@ -423,6 +455,9 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{bounds['long_tail_groups']} long-tail groups; mean response {fmt(bounds['mean_response_tokens'], 1)} tokens |",
             f"| train-only | {fmt(bounds['train_only_traj_s'], 1)} | {bounds['train_only_steps']} train_step calls queued "
             f"back to back, {fmt(bounds['train_step_s'], 3)} s each; export_weights {fmt(bounds['export_s'] * 1000, 0)} ms |",
+            f"| (rollout in the admission window) | {fmt(bounds['rollout_window_traj_s'], 1)} | the same groups with at most "
+            f"{bounds['rollout_window_groups']} = (eta + 1) x B in flight, refilled as they finish; not a bound of the "
+            "summary line, it shows how much of the gap is admission |",
         ]
     lines += [
         "",
@@ -443,6 +478,9 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{fmt(r['batch_age_max'], 0)} / {fmt(r['context_age_max'], 0)} | {fmt(100 * r['masked_share'], 1)} % | "
             f"{fmt(r['trained_tok_s'], 0)} |"
         )
+    if bounds and "async" in by_mode:
+        lines += ["", f"async over the rollout in its admission window: "
+                      f"{fmt(by_mode['async']['traj_s'] / bounds['rollout_window_traj_s'])}"]
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
             "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")
@@ -538,7 +576,8 @@ def main() -> None:
             say("bounds: rollout-only and train-only")
             cfg, _ = compose_config(base + modes["async"])
             start = time.perf_counter()
-            bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps)
+            bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps,
+                                    window_groups=(args.eta + 1) * args.batch_groups)
             say(f"bounds done in {time.perf_counter() - start:.0f}s: rollout-only {bounds['rollout_only_traj_s']:.1f} "
                 f"traj/s, train-only {bounds['train_only_traj_s']:.1f} traj/s")
         for name in wanted:
