@@ -98,17 +98,14 @@ def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logp
     assert worker.counts["prefix_cache_kept"] == (1 if interrupt_by == "pause" else 0)
 
 
+def _train_one_step(trainer) -> None:
+    """A real DeepSpeed step on a tiny group, so the trainer's weights differ from the engine's."""
+    _train_one_step(trainer)
+
+
 def _one_step_then_generate(worker, trainer, loop_thread, group_id):
     """A real trainer step changes the weights; generation straddles their arrival."""
-    from buffer.types import Group, Trajectory
-
-    g = Group(group_id="warm", prompt_id="p", prompt_text=ROW["prompt"], row=ROW)
-    for reward in (0.0, 1.0):
-        t = Trajectory(prompt_id="p", group_id="warm", prompt_ids=[3, 4, 12, 5, 6, 16])
-        t.append_tokens([6, 8, 1], [-1.0, -1.0, -0.1], trainer.version)
-        t.reward, t.finish_reason = reward, FinishReason.STOP
-        g.trajectories.append(t)
-    trainer.train_step([g])
+    _train_one_step(trainer)
     worker.version = trainer.version - 1  # the engine still holds the previous weights
     loop_thread.run(worker.engine.alabel(worker.version))
     sync, group = loop_thread.run(generate_across_an_update(worker, trainer.export_weights(), group_id))
@@ -181,13 +178,7 @@ def test_april_batch_boundary_hands_requests_to_the_next_weights(make_april_work
         for traj in partial.partial[0].trajectories:
             assert traj.finish_reason is FinishReason.ABORTED and 2 <= traj.num_response_tokens < 56
             assert set(traj.versions) == {v0}
-    g = Group(group_id="warm", prompt_id="p", prompt_text=ROW["prompt"], row=ROW)
-    for reward in (0.0, 1.0):
-        t = Trajectory(prompt_id="p", group_id="warm", prompt_ids=[3, 4, 12, 5, 6, 16])
-        t.append_tokens([6, 8, 1], [-1.0, -1.0, -0.1], trainer.version)
-        t.reward, t.finish_reason = reward, FinishReason.STOP
-        g.trajectories.append(t)
-    trainer.train_step([g])
+    _train_one_step(trainer)
     sync = loop_thread.run(worker.update_weights(trainer.export_weights(), v0 + 1))
     assert sync["requests_interrupted"] == (2 if interrupt_by == "pause" else 0)
     if interrupt_by == "abort":
