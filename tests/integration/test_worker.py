@@ -100,7 +100,13 @@ def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logp
 
 def _train_one_step(trainer) -> None:
     """A real DeepSpeed step on a tiny group, so the trainer's weights differ from the engine's."""
-    _train_one_step(trainer)
+    g = Group(group_id="warm", prompt_id="p", prompt_text=ROW["prompt"], row=ROW)
+    for reward in (0.0, 1.0):
+        t = Trajectory(prompt_id="p", group_id="warm", prompt_ids=[3, 4, 12, 5, 6, 16])
+        t.append_tokens([6, 8, 1], [-1.0, -1.0, -0.1], trainer.version)
+        t.reward, t.finish_reason = reward, FinishReason.STOP
+        g.trajectories.append(t)
+    trainer.train_step([g])
 
 
 def _one_step_then_generate(worker, trainer, loop_thread, group_id):
