@@ -12,12 +12,39 @@ writing parameters directly corrupts them).
 from __future__ import annotations
 
 import hashlib
+import logging
+
+# Layers whose only tensors are buffers computed from the config, never in a checkpoint:
+# vLLM's reload warns "<layer>: Failed to load weights" for them at every load.
+WEIGHTLESS_LAYERS = ("RotaryEmbedding",)
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def is_weightless_layer_warning(record: logging.LogRecord) -> bool:
+    """True for the reload warning about a layer that has no weights to load (its
+    computed buffers are put back as they were); any other layer's warning stays."""
+    return (record.msg == "%s: Failed to load weights" and bool(record.args)
+            and str(record.args[0]).endswith(WEIGHTLESS_LAYERS))
+
+
+def quiet_weightless_layer_warnings() -> None:
+    """Drop those warnings (one per weight update, so hundreds per run) in this process."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    if not any(getattr(f, "grove", False) for f in logger.filters):
+        class _Filter(logging.Filter):
+            grove = True
+
+            def filter(self, record: logging.LogRecord) -> bool:
+                return not is_weightless_layer_warning(record)
+
+        logger.addFilter(_Filter())
 
 
 class GroveWorkerExtension:
     def grove_load_weights(self, payload: bytes) -> int:
         from safetensors.torch import load
 
+        quiet_weightless_layer_warnings()
         state = load(payload)
         self.model_runner.reload_weights(  # type: ignore[attr-defined]
             weights_iterator=iter(state.items()), is_checkpoint_format=True

@@ -37,3 +37,22 @@ def test_executor_names_map_to_vllm_backends():
     assert executor_backend(EngineConfig(executor="ray")) == "ray"
     # without its own engine-core process, vLLM's own "uni" is already in-process
     assert executor_backend(EngineConfig(executor="uniproc", multiprocess=False)) == "uni"
+
+
+def test_only_the_weightless_layer_reload_warning_is_dropped():
+    import logging
+
+    from rollout.weight_sync import RELOAD_LOGGER, quiet_weightless_layer_warnings
+
+    quiet_weightless_layer_warnings()
+    quiet_weightless_layer_warnings()  # idempotent: one filter
+    logger = logging.getLogger(RELOAD_LOGGER)
+    assert sum(getattr(f, "grove", False) for f in logger.filters) == 1
+
+    def passes(layer: str) -> bool:
+        record = logger.makeRecord(RELOAD_LOGGER, logging.WARNING, __file__, 1, "%s: Failed to load weights",
+                                   (layer,), None)
+        return bool(logger.filter(record))
+
+    assert not passes("RotaryEmbedding") and not passes("Llama3RotaryEmbedding")
+    assert passes("QKVParallelLinear") and passes("VocabParallelEmbedding")  # a real failure still shows
