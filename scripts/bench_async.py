@@ -119,20 +119,13 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int)
         setup = ray.get([worker.astart.remote(), trainer.setup.remote()])
         say(f"bounds: engines ready {setup}")
         n, batch_groups = cfg.rollout.n_samples, cfg.trainer.batch_groups
-        pool = PromptPool(data.train, n, seed=cfg.seed + 1, prompt_key=cfg.task.prompt_key)
-        items = pool.next(num_groups)
+
+        def workload():  # the same prompts each time, with fresh group ids
+            return PromptPool(data.train, n, seed=cfg.seed + 1, prompt_key=cfg.task.prompt_key).next(num_groups)
 
         before = ray.get(worker.stats.remote())
         cpu_a = cpu_snapshot()
-        start = time.perf_counter()
-        ray.get(worker.submit.remote(items))
-        groups = []
-        while len(groups) < num_groups:
-            got = ray.get(worker.collect.remote(min_groups=num_groups - len(groups), timeout_s=60.0))
-            if got.dropped or got.partial:
-                raise RuntimeError(f"rollout-only: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
-            groups.extend(got.groups)
-        rollout_s = time.perf_counter() - start
+        groups, rollout_s = rollout_in_window(worker, workload(), window=num_groups)  # all at once
         rollout_cpu = cpu_share(cpu_a, cpu_snapshot())
         after = ray.get(worker.stats.remote())
         tokens = after["rollout/tokens_generated"] - before["rollout/tokens_generated"]
@@ -141,9 +134,7 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int)
                           for g in groups) if cfg.rollout.long_tail_min_tokens else 0
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
             f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
-        windowed_s = rollout_in_window(worker, PromptPool(data.train, n, seed=cfg.seed + 1,
-                                                          prompt_key=cfg.task.prompt_key).next(num_groups),
-                                       window_groups)
+        _, windowed_s = rollout_in_window(worker, workload(), window_groups)
         say(f"bounds: rollout in a window of {window_groups} groups: {num_groups} groups in {windowed_s:.2f}s")
 
         batches = [groups[i * batch_groups:(i + 1) * batch_groups] for i in range(len(groups) // batch_groups)]
@@ -184,26 +175,30 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int)
     }
 
 
-def rollout_in_window(worker, items, window: int) -> float:
-    """Seconds to generate `items` with at most `window` groups in flight, refilled as
-    groups finish: the async mode's admission window (AReaL's rule with a trainer that
-    consumes instantly), without training or weight updates."""
+def rollout_in_window(worker, items, window: int):
+    """The finished groups and the seconds to generate `items` with at most `window`
+    groups in flight, refilled as groups finish. window >= len(items) is the rollout-only
+    bound (all at once); (eta + 1) x B is the async mode's admission window (AReaL's rule
+    with a trainer that consumes instantly), without training or weight updates."""
     import ray
 
     start = time.perf_counter()
     submitted = min(window, len(items))
     ray.get(worker.submit.remote(items[:submitted]))
-    done = 0
-    while done < len(items):
-        got = ray.get(worker.collect.remote(min_groups=1, timeout_s=60.0))
+    groups = []
+    while len(groups) < len(items):
+        # wake per finished group only while there is something left to submit
+        wanted = 1 if submitted < len(items) else len(items) - len(groups)
+        got = ray.get(worker.collect.remote(min_groups=wanted, timeout_s=60.0))
         if got.dropped or got.partial:
-            raise RuntimeError(f"rollout in a window: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
-        done += len(got.groups)
+            raise RuntimeError(f"rollout in a window of {window}: {len(got.dropped)} dropped, "
+                               f"{len(got.partial)} partial groups")
+        groups.extend(got.groups)
         refill = items[submitted:submitted + len(got.groups)]
         if refill:
             ray.get(worker.submit.remote(refill))
             submitted += len(refill)
-    return time.perf_counter() - start
+    return groups, time.perf_counter() - start
 
 
 # -- where the CPU goes -----------------------------------------------------------------

@@ -7,8 +7,8 @@ The loop is the whole asynchronous algorithm, so it stays on one screen:
     when B groups wait and the trainer is idle: train one step on them
     when a step ends: the trainer's new weights go straight to the worker (v + 1)
 
-Generation never stops for training; the worker is paused only for the ~50 ms a weight
-load takes. Ray carries the two plain classes as actors, each pinned to its own core.
+Generation never stops for training; the worker is paused only while a weight load
+runs (about 20-30 ms on the built-in model, see docs/benchmarks.md). Ray carries the two plain classes as actors, each pinned to its own core.
 """
 
 from __future__ import annotations
