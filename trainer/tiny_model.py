@@ -4,7 +4,8 @@ Nothing can be downloaded on the machines Grove is tested on, so the default pol
 made here: a character-level `tokenizers` tokenizer saved as a standard HF folder, and
 a randomly initialised Qwen2ForCausalLM small enough to train on one CPU core. The
 embeddings are untied on purpose: vLLM's CPU `reload_weights` leaves a tied lm_head
-stale (see shared/reference/platform-vllm-cpu.md, pitfall 2).
+stale (see shared/reference/platform-vllm-cpu.md, pitfall 2). Grove's default in-place
+weight loader handles tied models too (tests/integration/test_weight_loaders.py).
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ def test_unknown_key_is_refused():
     ("rollout.interrupt_by=restart", "interrupt_by"),
     ("trainer.bucket_overhead_tokens=-1", "bucket_overhead_tokens"),
     ("rollout.engine.executor=threads", "rollout.engine.executor"),
+    ("rollout.engine.weight_loader=fast", "rollout.engine.weight_loader"),
     (["rollout.engine.executor=uniproc", "+rollout.engine.extra_args.tensor_parallel_size=2"], "executor=mp"),
 ])
 def test_bad_values_name_the_field(override, message):
