@@ -11,8 +11,11 @@ One invocation measures, one after the other on the same two cores:
    - train-only: `Trainer.train_step` on those already generated groups, B per call,
      all calls queued back to back (the trainer never waits for data);
    - for diagnosis only (not in the summary line): the same groups again, with at most
-     (eta + 1) x B in flight, refilled as they finish: the rollout under the async mode's
-     admission window, with a trainer that consumes instantly and no weight updates;
+     W groups in flight, refilled as they finish, for W = B, 2B and (eta + 1) x B: the
+     rollout alone at the concurrency AReaL's rule leaves it. (eta + 1) x B is its window
+     with a trainer that consumes instantly; while a batch trains, that batch takes B of
+     it, and finished groups waiting for the next batch take more, so in the loop about
+     1.5 B to 2 B groups generate (the async row's requests in flight / n_samples);
 2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
@@ -105,9 +108,9 @@ def compose_config(overrides: list[str]):
 
 
 # -- bounds ----------------------------------------------------------------------------
-def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int) -> dict[str, float]:
+def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int]) -> dict:
     """Rollout-only and train-only throughput (trajectories/s) on this workload, and the
-    rollout alone under an admission window of `window_groups` groups in flight."""
+    rollout alone with at most W groups in flight for each W in `windows`."""
     import ray
 
     from buffer.prompts import PromptPool
@@ -134,8 +137,11 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int)
                           for g in groups) if cfg.rollout.long_tail_min_tokens else 0
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
             f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
-        _, windowed_s = rollout_in_window(worker, workload(), window_groups)
-        say(f"bounds: rollout in a window of {window_groups} groups: {num_groups} groups in {windowed_s:.2f}s")
+        windowed = {}
+        for window in windows:
+            _, seconds = rollout_in_window(worker, workload(), window)
+            windowed[window] = num_groups * n / seconds
+            say(f"bounds: rollout in a window of {window} groups: {num_groups} groups in {seconds:.2f}s")
 
         batches = [groups[i * batch_groups:(i + 1) * batch_groups] for i in range(len(groups) // batch_groups)]
         batches = (batches * math.ceil(train_batches / max(len(batches), 1)))[:train_batches]
@@ -158,8 +164,9 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, window_groups: int)
         ray.shutdown()
     return {
         "rollout_only_traj_s": num_groups * n / rollout_s,
-        "rollout_window_traj_s": num_groups * n / windowed_s,
-        "rollout_window_groups": window_groups,
+        "rollout_window_traj_s": windowed[max(windows)],  # (eta + 1) x B, the admission window
+        "rollout_window_groups": max(windows),
+        "rollout_windows_traj_s": windowed,
         "rollout_only_s": rollout_s,
         "rollout_only_groups": num_groups,
         "rollout_only_tok_s": tokens / rollout_s,
@@ -450,10 +457,13 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{bounds['long_tail_groups']} long-tail groups; mean response {fmt(bounds['mean_response_tokens'], 1)} tokens |",
             f"| train-only | {fmt(bounds['train_only_traj_s'], 1)} | {bounds['train_only_steps']} train_step calls queued "
             f"back to back, {fmt(bounds['train_step_s'], 3)} s each; export_weights {fmt(bounds['export_s'] * 1000, 0)} ms |",
-            f"| (rollout in the admission window) | {fmt(bounds['rollout_window_traj_s'], 1)} | the same groups with at most "
-            f"{bounds['rollout_window_groups']} = (eta + 1) x B in flight, refilled as they finish; not a bound of the "
-            "summary line, it shows how much of the gap is admission |",
         ]
+        windows = bounds["rollout_windows_traj_s"]
+        for window in sorted(windows):
+            label = ("(eta + 1) x B: AReaL's window, trainer consuming instantly" if window == bounds["rollout_window_groups"]
+                     else f"{window // args.batch_groups} x B")
+            lines.append(f"| (rollout, {window} groups in flight) | {fmt(windows[window], 1)} | the same groups, at most "
+                         f"{window} = {label}; refilled as they finish; diagnosis only, not a bound of the summary line |")
     lines += [
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
@@ -474,8 +484,11 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{fmt(r['trained_tok_s'], 0)} |"
         )
     if bounds and "async" in by_mode:
+        generating = by_mode["async"].get("concurrency", nan) / args.n_samples
         lines += ["", f"async over the rollout in its admission window: "
-                      f"{fmt(by_mode['async']['traj_s'] / bounds['rollout_window_traj_s'])}"]
+                      f"{fmt(by_mode['async']['traj_s'] / bounds['rollout_window_traj_s'])}; groups generating in the "
+                      f"async loop: {fmt(generating, 1)} on average (requests in flight / n_samples), to read against "
+                      "the rollout rows above"]
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
             "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")
@@ -571,8 +584,9 @@ def main() -> None:
             say("bounds: rollout-only and train-only")
             cfg, _ = compose_config(base + modes["async"])
             start = time.perf_counter()
+            windows = sorted({args.batch_groups, 2 * args.batch_groups, (args.eta + 1) * args.batch_groups})
             bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps,
-                                    window_groups=(args.eta + 1) * args.batch_groups)
+                                    windows=windows)
             say(f"bounds done in {time.perf_counter() - start:.0f}s: rollout-only {bounds['rollout_only_traj_s']:.1f} "
                 f"traj/s, train-only {bounds['train_only_traj_s']:.1f} traj/s")
         for name in wanted:
