@@ -87,9 +87,13 @@ class InPlaceLoader:
 
     @classmethod
     def supports(cls, model) -> bool:
-        methods = {type(m.quant_method).__name__ for m in model.modules()
-                   if getattr(m, "quant_method", None) is not None}
-        return bool(methods) and methods <= set(cls.METHODS) and hasattr(model, "load_weights")
+        """Only unquantized dense layers, each with the metadata vLLM records at load time
+        (without it an emptied CPU weight has no shape to rebuild)."""
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        layers = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+        return (bool(layers) and hasattr(model, "load_weights")
+                and all(type(m.quant_method).__name__ in cls.METHODS and m in LAYERWISE_INFO for m in layers))
 
     def _stage(self) -> None:
         for layer, name, full in self.staging:
