@@ -57,7 +57,7 @@ class InPlaceLoader:
     the model's own `load_weights` (which fuses q/k/v and gate/up) followed by each
     layer's `process_weights_after_loading` (on CPU: repacking into oneDNN handles).
     CPU linear layers keep only the packed handle, so each gets a full-size staging
-    tensor, built once from the metadata vLLM recorded at start-up, with its loader.
+    tensor for the load, built from the metadata vLLM recorded at start-up, with its loader.
     `supports` says whether a model qualifies; anything else goes through `reload_weights`.
     """
 
@@ -65,23 +65,18 @@ class InPlaceLoader:
 
     def __init__(self, model) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
-        from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
-        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
         self.model = model
         self.layers = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
-        self.staging: list[tuple[object, str, object]] = []  # (layer, parameter name, full tensor)
+        # (layer, parameter name, vLLM's recorded meta tensor, device) for every parameter
+        # whose kernel format differs from the checkpoint's (emptied CPU linear weights)
+        self.staged: list[tuple[object, str, object, object]] = []
         for layer in self.layers:
-            info = LAYERWISE_INFO.get(layer)
-            recorded = info.restore_metadata[0] if info is not None else {}
-            for name, meta in recorded.items():
+            info = LAYERWISE_INFO[layer]
+            for name, meta in info.restore_metadata[0].items():
                 live = getattr(layer, name, None)
                 if live is None or tuple(live.shape) != tuple(meta.shape):
-                    with info.restore_device:
-                        full = materialize_meta_tensor(restore_layer_refs(meta, layer))
-                    if hasattr(full, "weight_loader"):
-                        full.weight_loader = original_loader(full.weight_loader)
-                    self.staging.append((layer, name, full))
+                    self.staged.append((layer, name, meta, info.restore_device))
         self._stage()
         self.expected = {name for name, _ in model.named_parameters()}
 
@@ -96,7 +91,16 @@ class InPlaceLoader:
                 and all(type(m.quant_method).__name__ in cls.METHODS and m in LAYERWISE_INFO for m in layers))
 
     def _stage(self) -> None:
-        for layer, name, full in self.staging:
+        """Full-size tensors for the loaders to write into, allocated per load: after the
+        repack they are dropped, so no second copy of the weights stays between loads."""
+        from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+        for layer, name, meta, device in self.staged:
+            with device:  # a copy: vLLM's record stays as it is
+                full = restore_layer_refs(materialize_meta_tensor(meta), layer)
+            if hasattr(full, "weight_loader"):
+                full.weight_loader = original_loader(full.weight_loader)
             delattr(layer, name)
             layer.register_parameter(name, full)
 
@@ -108,7 +112,8 @@ class InPlaceLoader:
         missing = self.expected - loaded
         if missing:
             raise ValueError(f"weight update left {len(missing)} parameters of the rollout model unloaded "
-                             f"(first: {sorted(missing)[:3]}); the payload must hold every checkpoint tensor")
+                             f"(first: {sorted(missing)[:3]}); the payload must hold every checkpoint tensor. "
+                             "The engine now mixes old and new weights: stop this run")
         return len(loaded)
 
 
