@@ -55,6 +55,19 @@ def test_inplace_loader_matches_vllm_reload_exactly(engine, loop_thread, model_p
         engine.cfg = saved_cfg
 
 
+def test_inplace_loader_refuses_a_payload_missing_a_tensor(engine, loop_thread, model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    original = load_file(f"{model_path}/model.safetensors")
+    partial = {k: v for k, v in original.items() if k != "model.layers.1.mlp.down_proj.weight"}
+    saved_cfg = engine.cfg
+    try:
+        with pytest.raises(Exception, match="unloaded"):
+            loop_thread.run(load_and_generate(engine, "inplace", save(partial), tokenizer))
+    finally:
+        loop_thread.run(load_and_generate(engine, "inplace", save(original), tokenizer))
+        engine.cfg = saved_cfg
+
+
 def test_inplace_loader_keeps_a_tied_output_layer_in_step(loop_thread, model_path, tmp_path):
     """vLLM's CPU reload_weights leaves a tied lm_head stale (platform-vllm-cpu.md, pitfall 2);
     the in-place loader repacks the shared embedding, so logprobs follow the new weights."""
