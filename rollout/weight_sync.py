@@ -77,8 +77,7 @@ class InPlaceLoader:
                 live = getattr(layer, name, None)
                 if live is None or tuple(live.shape) != tuple(meta.shape):
                     self.staged.append((layer, name, meta, info.restore_device))
-        self._stage()
-        self.expected = {name for name, _ in model.named_parameters()}
+        self.expected = {name for name, _ in model.named_parameters()}  # emptied weights keep their names
 
     @classmethod
     def supports(cls, model) -> bool:
