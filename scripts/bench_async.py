@@ -14,8 +14,8 @@ One invocation measures, one after the other on the same two cores:
      W groups in flight, refilled as they finish, for W = B, 2B and (eta + 1) x B: the
      rollout alone at the concurrency AReaL's rule leaves it. (eta + 1) x B is its window
      with a trainer that consumes instantly; while a batch trains, that batch takes B of
-     it, and finished groups waiting for the next batch take more, so in the loop about
-     1.5 B to 2 B groups generate (the async row's requests in flight / n_samples);
+     it, and finished groups waiting for the next batch take more, so in the loop only
+     about 1.2 B groups generate (the async row's requests in flight / n_samples);
 2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
