@@ -2,7 +2,7 @@
 
 vLLM loads this class into its model worker (`worker_extension_cls`): inside the
 engine-core process with `rollout.engine.executor=uniproc`, in a worker process of its own
-with `mp`. `engine.collective_rpc("grove_load_weights", args=(payload,))` calls it there.
+with `mp`. `engine.collective_rpc("grove_load_weights", args=(payload, loader))` calls it there.
 The payload is a safetensors blob: tensors passed through collective_rpc across a process
 boundary arrive as plain lists, but bytes arrive intact. On CPU, writing parameters
 directly does nothing useful: linear layers run from oneDNN handles packed at load time,
@@ -48,6 +48,12 @@ def original_loader(loader):
     return loader
 
 
+def quantized_layers(model) -> list:
+    """The layers with a quantization method (unquantized ones count: vLLM gives every
+    linear and embedding layer one); these are the layers a load must post-process."""
+    return [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+
+
 class InPlaceLoader:
     """Checkpoint-format weights into the live model, without vLLM's layerwise reload.
 
@@ -67,7 +73,7 @@ class InPlaceLoader:
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
         self.model = model
-        self.layers = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+        self.layers = quantized_layers(model)
         # (layer, parameter name, vLLM's recorded meta tensor, device) for every parameter
         # whose kernel format differs from the checkpoint's (emptied CPU linear weights)
         self.staged: list[tuple[object, str, object, object]] = []
@@ -85,7 +91,7 @@ class InPlaceLoader:
         (without it an emptied CPU weight has no shape to rebuild)."""
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-        layers = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+        layers = quantized_layers(model)
         return (bool(layers) and hasattr(model, "load_weights")
                 and all(type(m.quant_method).__name__ in cls.METHODS and m in LAYERWISE_INFO for m in layers))
 
