@@ -16,6 +16,11 @@ One invocation measures, one after the other on the same two cores:
      with a trainer that consumes instantly; while a batch trains, that batch takes B of
      it, and finished groups waiting for the next batch take more, so in the loop only
      about 1.2 B groups generate (the async row's requests in flight / n_samples);
+   - also for diagnosis: the same groups under AReaL's admission rule with a trainer that
+     takes the measured train_step time per batch (and once with one that consumes
+     instantly) but uses no core, and weights that load instantly. The async loop is this
+     plus the trainer's work beside the rollout and the weight loads, so the report splits
+     the gap to rollout-only into the rule's share and theirs;
 2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
@@ -108,9 +113,10 @@ def compose_config(overrides: list[str]):
 
 
 # -- bounds ----------------------------------------------------------------------------
-def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int]) -> dict:
-    """Rollout-only and train-only throughput (trajectories/s) on this workload, and the
-    rollout alone with at most W groups in flight for each W in `windows`."""
+def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int], eta: int) -> dict:
+    """Rollout-only and train-only throughput (trajectories/s) on this workload; for
+    diagnosis, the rollout alone with at most W groups in flight for each W in `windows`,
+    and under the admission rule with a trainer that costs no core."""
     import ray
 
     from buffer.prompts import PromptPool
@@ -159,6 +165,12 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int])
         say(f"bounds: train-only {len(batches)} steps in {train_s:.2f}s "
             f"(train_step {sum(m['train/step_s'] for m in step_metrics) / len(batches):.3f}s each inside the actor), "
             f"export_weights {export_s * 1000:.0f} ms")
+        under_rule = {}
+        for step_s in (0.0, train_s / len(batches)):
+            seconds, generating = rollout_under_rule(worker, workload(), batch_groups, eta, step_s)
+            under_rule[step_s] = (num_groups * n / seconds, generating)
+            say(f"bounds: rollout under the admission rule, trainer {step_s * 1000:.0f} ms per batch: "
+                f"{num_groups} groups in {seconds:.2f}s, {generating:.1f} groups generating")
         ray.get(worker.ashutdown.remote())
     finally:
         ray.shutdown()
@@ -167,6 +179,7 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int])
         "rollout_window_traj_s": windowed[max(windows)],  # (eta + 1) x B, the admission window
         "rollout_window_groups": max(windows),
         "rollout_windows_traj_s": windowed,
+        "rollout_under_rule": under_rule,  # trainer seconds per batch -> (traj/s, groups generating)
         "rollout_only_s": rollout_s,
         "rollout_only_groups": num_groups,
         "rollout_only_tok_s": tokens / rollout_s,
@@ -206,6 +219,49 @@ def rollout_in_window(worker, items, window: int):
             ray.get(worker.submit.remote(refill))
             submitted += len(refill)
     return groups, time.perf_counter() - start
+
+
+def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: float) -> tuple[float, float]:
+    """Seconds to generate `items` under AReaL's admission rule, and the mean number of
+    groups generating, with a trainer that takes `train_s` per batch of B finished groups
+    but no core (0: it consumes instantly), and weights that load instantly.
+
+    This is the async loop without its two costs on the machine, the trainer's core of
+    work beside the rollout and the weight loads, so the gap between it and the async row
+    is theirs, and the gap between it and rollout-only is the rule's."""
+    import ray
+
+    start = last = time.perf_counter()
+    started = finished = consumed = version = 0
+    training_until: float | None = None
+    generating_area = 0.0
+    while consumed < len(items):
+        now = time.perf_counter()
+        generating_area += (started - finished) * (now - last)
+        last = now
+        if training_until is not None and now >= training_until:
+            version, training_until = version + 1, None
+        if training_until is None and finished - consumed >= batch_groups:
+            consumed += batch_groups
+            if train_s > 0:
+                training_until = now + train_s
+            else:
+                version += 1
+            continue
+        room = min((version + eta + 1) * batch_groups, len(items)) - started
+        if room > 0:
+            worker.submit.remote(items[started:started + room])
+            started += room
+        wait = 60.0 if training_until is None else max(training_until - time.perf_counter(), 0.0005)
+        if started == finished:  # nothing generating: the next slots open when this batch is trained
+            time.sleep(wait)
+            continue
+        got = ray.get(worker.collect.remote(min_groups=1, timeout_s=wait))
+        if got.dropped or got.partial:
+            raise RuntimeError(f"rollout under the rule: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
+        finished += len(got.groups)
+    elapsed = time.perf_counter() - start
+    return elapsed, generating_area / elapsed
 
 
 # -- where the CPU goes -----------------------------------------------------------------
@@ -464,6 +520,11 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
                      else f"{window // args.batch_groups} x B")
             lines.append(f"| (rollout, {window} groups in flight) | {fmt(windows[window], 1)} | the same groups, at most "
                          f"{window} = {label}; refilled as they finish; diagnosis only, not a bound of the summary line |")
+        for step_s, (traj_s, generating) in sorted(bounds["rollout_under_rule"].items()):
+            trainer = "consuming instantly" if step_s == 0 else f"taking {fmt(step_s, 3)} s per batch on no core"
+            lines.append(f"| (rollout under the rule, trainer {trainer}) | {fmt(traj_s, 1)} | the same groups under "
+                         f"AReaL's admission rule (eta={eta}), {fmt(generating, 1)} groups generating on average; weights "
+                         "load instantly; diagnosis only |")
     lines += [
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
@@ -485,10 +546,15 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
         )
     if bounds and "async" in by_mode:
         generating = by_mode["async"].get("concurrency", nan) / args.n_samples
+        rule_traj_s = bounds["rollout_under_rule"][max(bounds["rollout_under_rule"])][0]
         lines += ["", f"async over the rollout in its admission window: "
                       f"{fmt(by_mode['async']['traj_s'] / bounds['rollout_window_traj_s'])}; groups generating in the "
                       f"async loop: {fmt(generating, 1)} on average (requests in flight / n_samples), to read against "
-                      "the rollout rows above"]
+                      "the rollout rows above",
+                  "", "where the async loop's gap to rollout-only goes: the admission rule with a trainer of this "
+                      f"speed leaves {fmt(rule_traj_s / bounds['rollout_only_traj_s'])} of rollout-only; of that, the "
+                      f"async loop keeps {fmt(by_mode['async']['traj_s'] / rule_traj_s)} (the rest is the trainer's "
+                      "work beside the rollout and the weight loads)"]
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
             "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")
@@ -586,7 +652,7 @@ def main() -> None:
             start = time.perf_counter()
             windows = sorted({args.batch_groups, 2 * args.batch_groups, (args.eta + 1) * args.batch_groups})
             bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps,
-                                    windows=windows)
+                                    windows=windows, eta=args.eta)
             say(f"bounds done in {time.perf_counter() - start:.0f}s: rollout-only {bounds['rollout_only_traj_s']:.1f} "
                 f"traj/s, train-only {bounds['train_only_traj_s']:.1f} traj/s")
         for name in wanted:
