@@ -195,6 +195,17 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
     }
 
 
+def finished_groups(worker, min_groups: int, timeout_s: float, what: str) -> list:
+    """The groups the worker has finished (waiting up to `timeout_s` for `min_groups`);
+    a bound's workload never drops or interrupts a group, so either is an error."""
+    import ray
+
+    got = ray.get(worker.collect.remote(min_groups=min_groups, timeout_s=timeout_s))
+    if got.dropped or got.partial:
+        raise RuntimeError(f"{what}: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
+    return got.groups
+
+
 def rollout_in_window(worker, items, window: int):
     """The finished groups and the seconds to generate `items` with at most `window`
     groups in flight, refilled as groups finish. window >= len(items) is the rollout-only
@@ -209,12 +220,9 @@ def rollout_in_window(worker, items, window: int):
     while len(groups) < len(items):
         # wake per finished group only while there is something left to submit
         wanted = 1 if submitted < len(items) else len(items) - len(groups)
-        got = ray.get(worker.collect.remote(min_groups=wanted, timeout_s=60.0))
-        if got.dropped or got.partial:
-            raise RuntimeError(f"rollout in a window of {window}: {len(got.dropped)} dropped, "
-                               f"{len(got.partial)} partial groups")
-        groups.extend(got.groups)
-        refill = items[submitted:submitted + len(got.groups)]
+        finished = finished_groups(worker, wanted, 60.0, f"rollout in a window of {window}")
+        groups.extend(finished)
+        refill = items[submitted:submitted + len(finished)]
         if refill:
             ray.get(worker.submit.remote(refill))
             submitted += len(refill)
@@ -256,10 +264,7 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
         if started == finished:  # nothing generating: the next slots open when this batch is trained
             time.sleep(wait)
             continue
-        got = ray.get(worker.collect.remote(min_groups=1, timeout_s=wait))
-        if got.dropped or got.partial:
-            raise RuntimeError(f"rollout under the rule: {len(got.dropped)} dropped, {len(got.partial)} partial groups")
-        finished += len(got.groups)
+        finished += len(finished_groups(worker, 1, wait, "rollout under the rule"))
     elapsed = time.perf_counter() - start
     return elapsed, generating_area / elapsed
 
