@@ -142,10 +142,10 @@ class PendingSync:
 
     ref: object
     version: int
-    step_metrics: dict[str, float]
     batch_ages: list[int]
     partial_ratio: float
-    started: float
+    step_metrics: dict[str, float] | None = None  # set when the step's own result arrives
+    started: float = 0.0  # when the step ended, as the driver saw it
 
 
 def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: MetricsLogger,
@@ -164,8 +164,6 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
     train_ref = eval_ref = None
     syncs: deque[PendingSync] = deque()  # weight pushes in flight, oldest first
-    batch_ages: list[int] = []
-    partial_ratio = 0.0
     loop_start = last_time = time.perf_counter()
     first_stats = last_stats = ray.get(worker.stats.remote())
     trainer_idle, trainer_idle_since = 0.0, loop_start
@@ -191,13 +189,17 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
                     if cfg.rollout.interrupt_by == "pause":
                         sched.hold_running()  # the rest waits in the engine for the next weights
                     worker.interrupt_groups.remote()  # (with abort: comes back as partial groups)
-                train_ref = trainer.train_step.remote(batch)
-                batch_ages = [version - g.start_version for g in batch]
-                partial_ratio = sched.partial_ratio(batch)
+                # the step's weights go to the worker as soon as the step ends, trainer to
+                # worker, without waiting for the driver to see the step finish
+                train_ref, weights_ref = trainer.train_step_and_export.options(num_returns=2).remote(batch)
+                syncs.append(PendingSync(worker.update_weights.remote(weights_ref, version + 1), version + 1,
+                                         [version - g.start_version for g in batch], sched.partial_ratio(batch)))
                 trainer_idle += time.perf_counter() - trainer_idle_since
         sync_ref = syncs[0].ref if syncs else None
         pending = [r for r in (collect_ref, train_ref, sync_ref, eval_ref) if r is not None]
         ready, _ = ray.wait(pending, num_returns=1)
+        if sync_ref in ready and syncs[0].step_metrics is None:
+            ready.append(train_ref)  # the weights came out of that step, so it has ended too
         now = time.perf_counter()
         if train_ref is None and full_batch_waiting and version < total:
             straggler_wait += now - idle_mark
@@ -213,8 +215,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
             train_ref = None
             trainer_idle_since = time.perf_counter()
             version += 1
-            ref = worker.update_weights.remote(trainer.export_weights.remote(), version)
-            syncs.append(PendingSync(ref, version, step_metrics, batch_ages, partial_ratio, time.perf_counter()))
+            syncs[-1].step_metrics, syncs[-1].started = step_metrics, time.perf_counter()
         if sync_ref is not None and sync_ref in ready:
             done = syncs.popleft()
             sync = ray.get(done.ref)

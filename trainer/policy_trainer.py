@@ -345,6 +345,13 @@ class Trainer:
         )
         return metrics
 
+    def train_step_and_export(self, groups: list[Group]) -> tuple[dict[str, float], bytes]:
+        """`train_step`, then `export_weights`, as one actor call with two results: the
+        launcher hands the second straight to the rollout worker, so the push starts the
+        moment the step ends instead of after a round trip through the driver. If the step
+        fails, both results carry its error, and no weights go out."""
+        return self.train_step(groups), self.export_weights()
+
     def export_weights(self) -> bytes:
         """The current weights as a safetensors blob in HF checkpoint naming."""
         from safetensors.torch import save

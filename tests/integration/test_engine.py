@@ -59,9 +59,10 @@ def test_trainer_update_moves_vllm_to_the_trainers_new_weights(engine, loop_thre
         t.reward, t.finish_reason = float(i % 2), finish
         group.trajectories.append(t)
     before_digest = loop_thread.run(engine.aweights_digest())
-    metrics = trainer.train_step([group])
+    metrics, weights = trainer.train_step_and_export([group])  # the launcher's call
     assert trainer.version == 1 and metrics["batch/version_max"] == 0
-    loop_thread.run(engine.aload_weights(trainer.export_weights()))  # engine idle: nothing in flight
+    assert weights == trainer.export_weights()  # exported after the step, not before
+    loop_thread.run(engine.aload_weights(weights))  # engine idle: nothing in flight
     assert loop_thread.run(engine.aweights_digest()) != before_digest
     for new_tokens, new_logprobs, _ in loop_thread.run(sample(engine, ids, n=8)):
         trained = reference_logprobs(trainer.engine.module, ids, new_tokens)
