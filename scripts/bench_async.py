@@ -239,6 +239,9 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
     is theirs, and the gap between it and rollout-only is the rule's."""
     import ray
 
+    from buffer.buffer import StalenessManager
+
+    rule = StalenessManager(batch_groups, eta)  # the launcher's own admission rule
     start = last = time.perf_counter()
     started = finished = consumed = version = 0
     training_until: float | None = None
@@ -251,12 +254,9 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
             version, training_until = version + 1, None
         if training_until is None and finished - consumed >= batch_groups:
             consumed += batch_groups
-            if train_s > 0:
-                training_until = now + train_s
-            else:
-                version += 1
+            training_until = now + train_s  # 0: the next pass bumps the version at once
             continue
-        room = min((version + eta + 1) * batch_groups, len(items)) - started
+        room = min(rule.capacity(version, started), len(items) - started)
         if room > 0:
             worker.submit.remote(items[started:started + room])
             started += room
