@@ -14,6 +14,7 @@ weight update.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from buffer.types import FinishReason
 
 
 EXECUTORS = ("uniproc", "mp", "ray")
-WEIGHT_LOADERS = ("inplace", "reload")
+WEIGHT_LOADERS = ("live", "inplace", "reload")
 
 
 @dataclass
@@ -44,11 +45,12 @@ class EngineConfig:
     dtype: str = "float32"
     enable_prefix_caching: bool = True
     seed: int = 0
-    # How a weight update reaches the model: "inplace" loads unquantized dense models
-    # directly (~5 ms per update on the built-in model), "reload" uses vLLM's
-    # reload_weights, which handles any model (~10 ms). inplace falls back to reload
-    # for models it does not cover (rollout/weight_sync.py).
-    weight_loader: str = "inplace"
+    # How a weight update reaches the model (rollout/weight_sync.py): "live" writes into
+    # weights kept as plain tensors (on CPU, multiplied by torch's GEMM instead of vLLM's
+    # kernels packed at load time; ~2 ms per update on the built-in model), "inplace" loads
+    # and repacks (~5 ms), "reload" is vLLM's reload_weights, for any model (~10 ms). live
+    # and inplace cover unquantized dense models and fall back to reload for others.
+    weight_loader: str = "live"
     extra_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field
 
     def __post_init__(self) -> None:
@@ -233,20 +235,58 @@ class VLLMEngine:
     async def abort(self, request_ids: list[str]) -> None:
         await self.engine.abort(request_ids)
 
-    async def aload_weights(self, payload: bytes, version: int | None = None, idle: bool = True) -> bool:
+    async def aload_weights(self, payload: bytes, version: int | None = None) -> bool:
         """Load a safetensors blob into the live engine (no restart) and label it `version`.
 
-        Call it while no request is generating (`idle`: cached prefixes computed by the
-        old weights are dropped too, so no later request reuses them), or between `apause`
-        and `aresume` (`idle=False`: the requests kept in place continue on the new
-        weights over the context cached so far). Returns False if the prefix cache could
-        not be dropped because a request still held cache blocks."""
+        Call it while no request is generating: cached prefixes computed by the old weights
+        are dropped too, so no later request reuses them (`aswap_weights` is the load for an
+        engine with requests in flight). Returns False if the prefix cache could not be
+        dropped because a request still held cache blocks."""
         await self.engine.collective_rpc("grove_load_weights", args=(payload, self.cfg.weight_loader))
         if version is not None:
             await self.alabel(version)
-        if idle and self.cfg.enable_prefix_caching:
+        if self.cfg.enable_prefix_caching:
             return bool(await self.engine.reset_prefix_cache())
         return True
+
+    async def aswap_weights(self, payload: bytes, version: int, paused: bool = False) -> float | None:
+        """Load `payload` under requests in flight (they go on over their cached context, on
+        the new weights) and label it `version`, with no step between the load and the label,
+        so every token's label names the weights that sampled it. Ends with the engine
+        running, also when it was `paused` before and also when the load fails.
+
+        Returns `time.perf_counter()` from when the engine stopped for the swap, or None
+        when it stopped only for the load's own work:
+
+        - uniproc executor: the load and the label are one call, which the engine core runs
+          between two steps; no pause, no drain, ~5 ms of load on the built-in model;
+        - other executors: pause (requests kept in place), load, label, sent back to back,
+          not each after the other's reply (the engine core handles its input in order and
+          schedules nothing while paused), then resume once the pause is acknowledged (vLLM
+          finishes a pause only when the engine has gone idle, which it would not once resumed).
+        """
+        core = self.engine.engine_core
+        loader = self.cfg.weight_loader
+        paused_at: list[float] = []
+
+        async def pause() -> None:
+            await core.pause_scheduler_async(mode="keep", clear_cache=False)
+            paused_at.append(time.perf_counter())
+
+        # gather wraps each in a task, started in this order; each sends its message before
+        # its first wait, and the socket keeps the order.
+        if self.cfg.executor == "uniproc":
+            calls = [core.collective_rpc_async("grove_swap_weights", None, (payload, loader, str(version)), None)]
+        else:
+            calls = [pause(), core.collective_rpc_async("grove_load_weights", None, (payload, loader), None),
+                     core.set_weight_version_async(str(version))]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if paused_at or paused:
+            await core.resume_scheduler_async()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return paused_at[0] if paused_at else None
 
     async def alabel(self, version: int) -> None:
         """Label the weights in use; finished requests report the label per output token."""

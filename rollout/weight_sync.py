@@ -2,17 +2,19 @@
 
 vLLM loads this class into its model worker (`worker_extension_cls`): inside the
 engine-core process with `rollout.engine.executor=uniproc`, in a worker process of its own
-with `mp`. `engine.collective_rpc("grove_load_weights", args=(payload, loader))` calls it there.
-The payload is a safetensors blob: tensors passed through collective_rpc across a process
-boundary arrive as plain lists, but bytes arrive intact. On CPU, writing parameters
-directly does nothing useful: linear layers run from oneDNN handles packed at load time,
-and their parameters are emptied. Both loaders here repack after loading.
+with `mp`. `engine.collective_rpc("grove_swap_weights", args=(payload, loader, version))`
+calls it there. The payload is a safetensors blob: tensors passed through collective_rpc
+across a process boundary arrive as plain lists, but bytes arrive intact. On CPU, vLLM's
+linear layers run from oneDNN handles packed at load time, and their parameters are
+emptied, so writing parameters does nothing by itself: `InPlaceLoader` repacks after
+loading, `LiveLoader` turns the layers into plain ones that multiply by their parameters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 
 # Layers whose only tensors are buffers computed from the config, never in a checkpoint:
 # vLLM's reload warns "<layer>: Failed to load weights" for them at every load.
@@ -75,14 +77,11 @@ class InPlaceLoader:
         self.model = model
         self.layers = quantized_layers(model)
         # (layer, parameter name, vLLM's recorded meta tensor, device) for every parameter
-        # whose kernel format differs from the checkpoint's (emptied CPU linear weights)
-        self.staged: list[tuple[object, str, object, object]] = []
+        self.recorded: list[tuple[object, str, object, object]] = []
         for layer in self.layers:
             info = LAYERWISE_INFO[layer]
             for name, meta in info.restore_metadata[0].items():
-                live = getattr(layer, name, None)
-                if live is None or tuple(live.shape) != tuple(meta.shape):
-                    self.staged.append((layer, name, meta, info.restore_device))
+                self.recorded.append((layer, name, meta, info.restore_device))
         self.expected = {name for name, _ in model.named_parameters()}  # emptied weights keep their names
 
     @classmethod
@@ -96,12 +95,16 @@ class InPlaceLoader:
                 and all(type(m.quant_method).__name__ in cls.METHODS and m in LAYERWISE_INFO for m in layers))
 
     def _stage(self) -> None:
-        """Full-size tensors for the loaders to write into, allocated per load: after the
-        repack they are dropped, so no second copy of the weights stays between loads."""
+        """Full-size tensors for the loaders to write into, for every parameter whose live
+        form differs from the checkpoint's (emptied CPU linear weights), allocated per load:
+        after the repack they are dropped, so no second copy of the weights stays between loads."""
         from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
         from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-        for layer, name, meta, device in self.staged:
+        for layer, name, meta, device in self.recorded:
+            live = getattr(layer, name, None)
+            if live is not None and tuple(live.shape) == tuple(meta.shape):
+                continue
             with device:  # a copy: vLLM's record stays as it is
                 full = restore_layer_refs(materialize_meta_tensor(meta), layer)
             if hasattr(full, "weight_loader"):
@@ -109,11 +112,8 @@ class InPlaceLoader:
             delattr(layer, name)
             layer.register_parameter(name, full)
 
-    def load(self, weights) -> int:
-        self._stage()
+    def _load_all(self, weights) -> int:
         loaded = set(self.model.load_weights(weights))
-        for layer in self.layers:
-            layer.quant_method.process_weights_after_loading(layer)
         missing = self.expected - loaded
         if missing:
             raise ValueError(f"weight update left {len(missing)} parameters of the rollout model unloaded "
@@ -121,24 +121,102 @@ class InPlaceLoader:
                              "The engine now mixes old and new weights: stop this run")
         return len(loaded)
 
+    def load(self, weights) -> int:
+        self._stage()
+        count = self._load_all(weights)
+        for layer in self.layers:
+            layer.quant_method.process_weights_after_loading(layer)
+        return count
+
+
+class LiveLoader(InPlaceLoader):
+    """On CPU: linear layers multiply by their weights as plain tensors, through torch's
+    GEMM, instead of through kernels packed from them at load time; a load writes into
+    those tensors in place. No staging and no repack: on the built-in model an update holds
+    the engine half as long as `InPlaceLoader`'s, and decoding is as fast (docs/benchmarks.md).
+    vLLM's packed CPU kernels pay off for larger projections than the built-in model has,
+    so a large model on CPU may decode faster with "inplace". The first load turns the
+    model's packed layers back into plain ones (staging as InPlaceLoader does); elsewhere
+    than on CPU layers are never packed and this is InPlaceLoader."""
+
+    def load(self, weights) -> int:
+        import torch
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return super().load(weights)
+        self._stage()  # only if the layers are packed (start-up, or another loader since)
+        count = self._load_all(weights)
+        for layer in self.layers:
+            layer.cpu_linear = torch.nn.functional.linear  # what vLLM's CPU GEMM dispatch calls
+        self.live = True
+        return count
+
+    def pack(self) -> None:
+        """Back to the packed form vLLM left the model in, which its reload_weights expects."""
+        if getattr(self, "live", False):
+            for layer in self.layers:
+                layer.quant_method.process_weights_after_loading(layer)
+            self.live = False
+
+
+def engine_core_running_this_call():
+    """The vLLM EngineCore whose `collective_rpc` is running this call, or None.
+
+    With the uniproc executor the model runs in the engine core's own thread, which runs a
+    collective_rpc between two engine steps; the core is then a caller up this thread's stack.
+    With the mp or ray executor the model runs in another process and there is none."""
+    from vllm.v1.engine.core import EngineCore
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, EngineCore):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+DIRECT_LOADERS = {"inplace": InPlaceLoader, "live": LiveLoader}
+
 
 class GroveWorkerExtension:
-    def grove_load_weights(self, payload: bytes, loader: str = "inplace") -> int:
-        """Load a safetensors blob by `loader`: "inplace" (InPlaceLoader where the model
-        qualifies) or "reload" (vLLM's reload_weights, for any model)."""
+    def grove_swap_weights(self, payload: bytes, loader: str, version: str) -> int:
+        """Load a blob and label the engine's weights `version` in the same call, so no engine
+        step runs between the two: tokens sampled before it report the old label, tokens
+        after it the new one, with no pause of the engine around the load. Needs the model
+        in the engine-core process (the uniproc executor)."""
+        core = engine_core_running_this_call()
+        if core is None:
+            raise RuntimeError("grove_swap_weights needs the model in the engine-core process "
+                               "(rollout.engine.executor=uniproc); other executors pause, load and label")
+        count = self.grove_load_weights(payload, loader)
+        core.set_weight_version(version)
+        return count
+
+
+    def grove_load_weights(self, payload: bytes, loader: str = "live") -> int:
+        """Load a safetensors blob by `loader`: "live" (LiveLoader) or "inplace"
+        (InPlaceLoader) where the model qualifies, else, or for "reload", vLLM's
+        reload_weights, which handles any model."""
         from safetensors.torch import load
 
         state = load(payload)
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        if loader == "inplace":
-            cached = getattr(self, "_grove_inplace", None)  # (model, its loader or None)
-            if cached is None or cached[0] is not model:
-                cached = (model, InPlaceLoader(model) if InPlaceLoader.supports(model) else None)
-                self._grove_inplace = cached
-            if cached[1] is not None:
-                return cached[1].load(iter(state.items()))
+        if loader in DIRECT_LOADERS:
+            cached = getattr(self, "_grove_direct", None)  # (model, loader name, its loader or None)
+            if cached is None or cached[0] is not model or cached[1] != loader:
+                kind = DIRECT_LOADERS[loader]
+                cached = (model, loader, kind(model) if kind.supports(model) else None)
+                self._grove_direct = cached
+            if cached[2] is not None:
+                return cached[2].load(iter(state.items()))
         elif loader != "reload":
-            raise ValueError(f"unknown weight loader {loader!r}; expected 'inplace' or 'reload'")
+            raise ValueError(f"unknown weight loader {loader!r}; expected one of {[*DIRECT_LOADERS, 'reload']}")
+        else:
+            cached = getattr(self, "_grove_direct", None)
+            if cached is not None and isinstance(cached[2], LiveLoader):
+                cached[2].pack()
         quiet_weightless_layer_warnings()
         self.model_runner.reload_weights(  # type: ignore[attr-defined]
             weights_iterator=iter(state.items()), is_checkpoint_format=True
@@ -153,3 +231,4 @@ class GroveWorkerExtension:
             digest.update(name.encode())
             digest.update(str(float(tensor.float().sum())).encode())
         return digest.hexdigest()
+

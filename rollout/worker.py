@@ -209,19 +209,26 @@ class RolloutWorker:
             return
         self._paused = True  # before the await: a concurrent call must see it
         await self.engine.apause()  # returns when the engine's current step is done
-        self._count_request_time()
-        self._held = True
-        if self._busy_since is not None:
-            self._busy_seconds += time.perf_counter() - self._busy_since
-            self._busy_since = None
+        self._stop_clocks(time.perf_counter())
 
     async def _resume(self) -> None:
         if not self._paused:
             return
         await self.engine.aresume()
+        self._restart_clocks()
+
+    def _stop_clocks(self, held_since: float) -> None:
+        """The engine has been held since `held_since`: busy and request time stop there."""
+        self._count_request_time(until=held_since)
+        self._held = True
+        if self._busy_since is not None:
+            self._busy_seconds += max(0.0, held_since - self._busy_since)
+            self._busy_since = None
+
+    def _restart_clocks(self) -> None:
         self._count_request_time()
         self._held = self._paused = False
-        if self._active:
+        if self._active and self._busy_since is None:
             self._busy_since = time.perf_counter()
 
     def _spawn(self, group: Group) -> None:
@@ -319,8 +326,8 @@ class RolloutWorker:
                                f"for {len(versions)}")
         traj.versions[start:] = versions
 
-    def _count_request_time(self) -> None:
-        now = time.perf_counter()
+    def _count_request_time(self, until: float | None = None) -> None:
+        now = time.perf_counter() if until is None else max(until, self._active_since)
         if not self._held:
             self._request_seconds += len(self._active) * (now - self._active_since)
         self._active_since = now
@@ -403,17 +410,21 @@ class RolloutWorker:
             raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
         start = time.perf_counter()
         if self._paused or (self.cfg.on_update != "wait" and self.cfg.interrupt_by == "pause"):
-            # requests stay in the engine with their cache (already held there by an APRIL
-            # batch boundary, or paused now) and go on over it on the new weights
-            await self._pause()
+            # requests stay in the engine with their cache (held there by an APRIL batch
+            # boundary, or generating) and go on over it on the new weights
+            held_already = self._paused
+            self._paused = True  # a batch boundary arriving meanwhile is served by this swap
+            interrupted = len(self._active)
+            self.counts["samples_interrupted"] += interrupted
+            self.version = version
+            drained = None
             try:
-                drained = time.perf_counter()
-                interrupted = len(self._active)
-                self.counts["samples_interrupted"] += interrupted
-                self.version = version
-                await self.engine.aload_weights(payload, version, idle=False)
+                drained = await self.engine.aswap_weights(payload, version, paused=held_already)
             finally:
-                await self._resume()
+                if not held_already and drained is not None:
+                    self._stop_clocks(drained)
+                self._restart_clocks()
+            drained = drained or start
             self.counts["prefix_cache_kept"] += 1
         else:
             self._gate.clear()

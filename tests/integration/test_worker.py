@@ -10,6 +10,7 @@ import torch
 from buffer.prompts import PromptItem
 from buffer.types import FinishReason, Group, Trajectory
 from rewards.runner import RewardConfig
+from rollout.engine import EngineConfig, VLLMEngine
 from rollout.worker import RolloutConfig, RolloutWorker
 
 pytestmark = pytest.mark.integration
@@ -56,25 +57,35 @@ async def generate_across_an_update(worker, payload: bytes, group_id: str):
 
 
 @pytest.fixture(scope="module")
+def mp_engine(model_path, loop_thread):
+    """The model in a worker process of its own: a weight swap cannot label inside the load
+    there, so the engine pauses around it (VLLMEngine.aswap_weights)."""
+    eng = VLLMEngine(model_path, EngineConfig(cpu_cores=None, executor="mp"))
+    loop_thread.run(eng.astart())
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
 def make_worker(model_path, engine, loop_thread):
-    def make(on_update: str, interrupt_by: str = "pause") -> RolloutWorker:
+    def make(on_update: str, interrupt_by: str = "pause", on_engine=None) -> RolloutWorker:
         cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update=on_update,
                             interrupt_by=interrupt_by)
-        worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
+        worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=on_engine or engine)
         loop_thread.run(worker.astart())
         return worker
     return make
 
 
-@pytest.mark.parametrize("interrupt_by", ["abort", "pause"])
+@pytest.mark.parametrize("interrupt_by, executor", [("abort", "uniproc"), ("pause", "uniproc"), ("pause", "mp")])
 def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logprobs(
-        make_worker, trainer, loop_thread, interrupt_by):
+        make_worker, trainer, loop_thread, interrupt_by, executor, request):
     import copy
 
-    worker = make_worker("interrupt", interrupt_by)
+    worker = make_worker("interrupt", interrupt_by, request.getfixturevalue("mp_engine") if executor == "mp" else None)
     loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))  # engine == trainer, whatever ran before
     before = copy.deepcopy(trainer.engine.module)  # the weights the engine holds now
-    group = _one_step_then_generate(worker, trainer, loop_thread, f"g-{interrupt_by}")
+    group = _one_step_then_generate(worker, trainer, loop_thread, f"g-{interrupt_by}-{executor}")
     after = trainer.engine.module
     prompt_ids = group.trajectories[0].prompt_ids
     for traj in group.trajectories:
