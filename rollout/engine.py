@@ -259,7 +259,7 @@ class VLLMEngine:
         when it stopped only for the load's own work:
 
         - uniproc executor: the load and the label are one call, which the engine core runs
-          between two steps; no pause, no drain, ~5 ms of load on the built-in model;
+          between two steps; no pause and no drain, only the load's own work;
         - other executors: pause (requests kept in place), load, label, sent back to back,
           not each after the other's reply (the engine core handles its input in order and
           schedules nothing while paused), then resume once the pause is acknowledged (vLLM

@@ -139,6 +139,8 @@ class LiveLoader(InPlaceLoader):
     model's packed layers back into plain ones (staging as InPlaceLoader does); elsewhere
     than on CPU layers are never packed and this is InPlaceLoader."""
 
+    live = False  # the layers multiply by their plain weights (set by the first load on CPU)
+
     def load(self, weights) -> int:
         import torch
         from vllm.platforms import current_platform
@@ -154,7 +156,7 @@ class LiveLoader(InPlaceLoader):
 
     def pack(self) -> None:
         """Back to the packed form vLLM left the model in, which its reload_weights expects."""
-        if getattr(self, "live", False):
+        if self.live:
             for layer in self.layers:
                 layer.quant_method.process_weights_after_loading(layer)
             self.live = False
@@ -194,7 +196,6 @@ class GroveWorkerExtension:
         core.set_weight_version(version)
         return count
 
-
     def grove_load_weights(self, payload: bytes, loader: str = "live") -> int:
         """Load a safetensors blob by `loader`: "live" (LiveLoader) or "inplace"
         (InPlaceLoader) where the model qualifies, else, or for "reload", vLLM's
@@ -231,4 +232,3 @@ class GroveWorkerExtension:
             digest.update(name.encode())
             digest.update(str(float(tensor.float().sum())).encode())
         return digest.hexdigest()
-
