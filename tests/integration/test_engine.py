@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from buffer.types import FinishReason, Group, Trajectory
@@ -36,6 +36,8 @@ def tokenizer(model_path):
 
 def test_vllm_logprobs_equal_transformers(engine, loop_thread, model_path, tokenizer):
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # the session's engine may hold weights an earlier test loaded: start from the checkpoint
+    loop_thread.run(engine.aload_weights(save(load_file(f"{model_path}/model.safetensors"))))
     checked = 0
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
@@ -59,8 +61,9 @@ def test_trainer_update_moves_vllm_to_the_trainers_new_weights(engine, loop_thre
         t.reward, t.finish_reason = float(i % 2), finish
         group.trajectories.append(t)
     before_digest = loop_thread.run(engine.aweights_digest())
+    version_before = trainer.version  # the session's trainer may have stepped in an earlier test
     metrics, weights = trainer.train_step_and_export([group])  # the launcher's call
-    assert trainer.version == 1 and metrics["batch/version_max"] == 0
+    assert trainer.version == version_before + 1 and metrics["batch/version_max"] == 0
     assert weights == trainer.export_weights()  # exported after the step, not before
     loop_thread.run(engine.aload_weights(weights))  # engine idle: nothing in flight
     assert loop_thread.run(engine.aweights_digest()) != before_digest
