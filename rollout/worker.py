@@ -10,8 +10,8 @@ even for a request that runs across an update. A weight update, by `rollout.on_u
   weights, then loads the new ones;
 - `interrupt`: running requests continue on the new weights with the tokens, logprobs
   and versions they have, and the remaining token budget. `rollout.interrupt_by` says how:
-  `pause` (default) freezes them in the engine while the weights load, so they go on
-  over the context already cached; `abort` ends them and resubmits prompt + partial
+  `pause` (default) keeps them in the engine while the weights load between two of its
+  steps (`VLLMEngine.aswap_weights`), so they go on over the context already cached; `abort` ends them and resubmits prompt + partial
   response, so the context is re-prefilled on the new weights (one prefill per request
   per update);
 - `mask`: as interrupt, but a response's tokens older than its newest ones leave the

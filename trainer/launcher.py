@@ -7,9 +7,9 @@ The loop is the whole asynchronous algorithm, so it stays on one screen:
     when B groups wait and the trainer is idle: train one step on them
     when a step ends: the trainer's new weights go straight to the worker (v + 1)
 
-Generation never stops for training; the worker is paused only while a weight load
-runs (about 10 ms on the built-in model; from the step's end to the new weights in use,
-about 20 ms: see docs/benchmarks.md). Ray carries the two plain classes as actors, each
+Generation never stops for training; the engine stops only for a weight load's own
+work, between two of its steps (about 2 ms on the built-in model; from the step's end to
+the new weights in use, about 12-15 ms: see docs/benchmarks.md). Ray carries the two plain classes as actors, each
 pinned to its own core.
 """
 
