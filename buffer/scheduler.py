@@ -3,8 +3,11 @@
 `trainer/launcher.py` only moves data between the Ray actors; every decision about
 groups is made here, so the property tests drive exactly the code a run uses:
 
-- admission: AReaL's rule (`StalenessManager`), or, with APRIL over-provisioning, a fixed
-  number of groups in flight once the new weights are in;
+- admission: AReaL's rule (`StalenessManager`) on the trainer's version, or, with APRIL
+  over-provisioning, a fixed number of groups in flight per version. A group admitted at
+  version v generates only on weights of version >= v: the rollout worker holds it until
+  v's weights are on their way into the engine (`RolloutWorker.submit`), so admission
+  need not wait for the worker to acknowledge an update;
 - batches: `TrajectoryBuffer.get`, which schedules by deadline so no trained token is
   older than η. A group still generating at its deadline is a *straggler*: with
   `stragglers="wait"` the trainer waits for it; with `"mask"` it does not, and the
@@ -63,19 +66,20 @@ class RolloutScheduler:
         self.filtered_in_a_row = 0
         self.batch_taken = -1  # the last version a batch was handed out for
 
-    def generation_open(self, version: int, synced: int) -> bool:
-        """New segments start only on the current weights; under APRIL (synchronous with
-        over-provisioning) also only until this version's batch is taken: the unfinished
-        groups then wait for the next version's weights instead of resuming on the old ones."""
-        return synced == version and (not self.april or self.batch_taken < version)
+    def generation_open(self, version: int) -> bool:
+        """Under APRIL (synchronous with over-provisioning) new segments start for a version
+        only until its batch is taken: the unfinished groups then wait for the next
+        version instead of running on."""
+        return not self.april or self.batch_taken < version
 
     # -- what to generate ----------------------------------------------------------------
-    def partials_to_resume(self, version: int, synced: int) -> tuple[list[Group], int]:
-        """Partial groups to resume now (only once the worker has this version's weights),
-        and the version before which their tokens leave the loss."""
-        if not self.partial_pool or not self.generation_open(version, synced):
+    def partials_to_resume(self, version: int) -> tuple[list[Group], int]:
+        """Partial groups to resume now, on weights of `version` or newer (the worker holds
+        them until those weights are in), and the version before which their tokens leave
+        the loss."""
+        if not self.partial_pool or not self.generation_open(version):
             return [], 0
-        mask_before = synced - self.eta
+        mask_before = version - self.eta
         groups, self.partial_pool = self.partial_pool, []
         for group in groups:
             self.ledger.masked_tokens += mask_stale_tokens(group, mask_before)
@@ -84,15 +88,15 @@ class RolloutScheduler:
         self.ledger.resumed += len(groups)
         return groups, mask_before
 
-    def capacity(self, version: int, synced: int) -> int:
-        """How many new groups may start now."""
+    def capacity(self, version: int) -> int:
+        """How many new groups may start at the trainer's `version`."""
         if self.partial_pool:
             return 0  # partial groups go first
         if self.april:
-            if not self.generation_open(version, synced):
+            if not self.generation_open(version):
                 return 0
             return max(0, self.in_flight_target - len(self.running) - len(self.buffer))
-        return self.gate.capacity(synced, self.ledger.started - self.ledger.retired)
+        return self.gate.capacity(version, self.ledger.started - self.ledger.retired)
 
     def hold_running(self) -> int:
         """APRIL with requests paused, not aborted, at the batch boundary: the groups still

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -249,11 +250,16 @@ class VLLMEngine:
             return bool(await self.engine.reset_prefix_cache())
         return True
 
-    async def aswap_weights(self, payload: bytes, version: int, paused: bool = False) -> float | None:
+    async def aswap_weights(self, payload: bytes, version: int, paused: bool = False,
+                            on_sent: Callable[[], None] | None = None) -> float | None:
         """Load `payload` under requests in flight (they go on over their cached context, on
         the new weights) and label it `version`, with no step between the load and the label,
         so every token's label names the weights that sampled it. Ends with the engine
         running, also when it was `paused` before and also when the load fails.
+
+        `on_sent` is called once the load's messages are on their way to the engine core,
+        which handles its input in order: a request sent after that call runs on the new
+        weights only, without waiting for the load to be acknowledged.
 
         Returns `time.perf_counter()` from when the engine stopped for the swap, or None
         when it stopped only for the load's own work:
@@ -280,7 +286,13 @@ class VLLMEngine:
         else:
             calls = [pause(), core.collective_rpc_async("grove_load_weights", None, (payload, loader), None),
                      core.set_weight_version_async(str(version))]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        swap = asyncio.gather(*calls, return_exceptions=True)
+        if on_sent is not None:
+            # gather's tasks run their first steps before this task resumes, in order, and
+            # each sends its message in its first step (before its first wait, for a reply)
+            await asyncio.sleep(0)
+            on_sent()
+        results = await swap
         if paused_at or paused:
             await core.resume_scheduler_async()
         for result in results:

@@ -105,7 +105,7 @@ class RolloutWorker:
             for tid in os.listdir("/proc/self/task"):  # every thread; threads and processes started later inherit
                 os.sched_setaffinity(int(tid), cores)
         self.engine = engine or VLLMEngine(model_path, rollout.engine)  # tests share one engine
-        self.version = 0
+        self.version = 0  # the weights every request sent to the engine from now on runs on
         self._tasks: set[asyncio.Task] = set()
         self._finished: list[Group] = []
         self._dropped: list[str] = []
@@ -138,6 +138,7 @@ class RolloutWorker:
         self._idle = asyncio.Event()  # no request is generating
         self._idle.set()
         self._update_lock = asyncio.Lock()  # updates apply one at a time, in the order sent
+        self._new_weights = asyncio.Event()  # set (and replaced) when `version` moves on
         seconds = 0.0 if self.engine.started else await self.engine.astart()
         await self.engine.alabel(self.version)
         # The first request with logprobs compiles a sampler kernel; pay for it now.
@@ -169,7 +170,9 @@ class RolloutWorker:
 
     # -- generation ------------------------------------------------------------------
     async def submit(self, items: list[PromptItem]) -> int:
-        """Start generating one group per item; returns immediately."""
+        """Start generating one group per item; returns immediately. A group generates
+        only on weights of its `start_version` or newer: one admitted for a version whose
+        update has not reached this worker yet waits for it here (see `_weights_sent`)."""
         for item in items:
             group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
                           row=item.row, start_version=item.start_version)
@@ -178,15 +181,15 @@ class RolloutWorker:
                 Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids))
                 for _ in range(item.n_samples)
             ]
-            self._spawn(group)
+            self._spawn(group, not_before=item.start_version)
             self.counts["groups_started"] += 1
         return len(items)
 
-    async def resume(self, groups: list[Group]) -> int:
+    async def resume(self, groups: list[Group], not_before: int = 0) -> int:
         """Continue partial groups where they stopped (their stale tokens were already
-        masked by the scheduler), on the current weights."""
+        masked by the scheduler), on weights of version `not_before` or newer."""
         for group in groups:
-            self._spawn(group)
+            self._spawn(group, not_before)
             self.counts["groups_resumed"] += 1
         return len(groups)
 
@@ -231,8 +234,8 @@ class RolloutWorker:
         if self._active and self._busy_since is None:
             self._busy_since = time.perf_counter()
 
-    def _spawn(self, group: Group) -> None:
-        task = asyncio.create_task(self._run_group(group))
+    def _spawn(self, group: Group, not_before: int) -> None:
+        task = asyncio.create_task(self._run_group(group, not_before))
         self._tasks.add(task)
         task.add_done_callback(self._on_task_done)
 
@@ -252,11 +255,13 @@ class RolloutWorker:
         draw = zlib.crc32(group.prompt_id.encode()) / 2**32
         return self.cfg.long_tail_min_tokens if draw < self.cfg.long_tail_fraction else 0
 
-    async def _run_group(self, group: Group) -> None:
+    async def _run_group(self, group: Group, not_before: int) -> None:
         min_tokens = self._min_tokens(group)
-        interrupts = self._interrupts
+        interrupts = self._interrupts  # (an APRIL interrupt while held hands the group back)
+        while self.version < not_before:
+            await self._new_weights.wait()
         group.trajectories = list(await asyncio.gather(
-            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens, interrupts)
+            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens, interrupts, not_before)
               for t in group.trajectories)))
         if any(t.finish_reason is FinishReason.ABORTED for t in group.trajectories):
             self._partial.append(group)
@@ -274,7 +279,7 @@ class RolloutWorker:
         return len(ids)
 
     async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float,
-                      min_tokens: int = 0, interrupts: int | None = None) -> Trajectory:
+                      min_tokens: int = 0, interrupts: int | None = None, not_before: int = 0) -> Trajectory:
         """Generate (or continue) one response, segment by segment, until it stops or is
         handed back as partial. A finished trajectory is returned unchanged."""
         if traj.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -303,6 +308,10 @@ class RolloutWorker:
             self._tokens_generated += len(segment.token_ids)
             finish = segment.finish_reason
             self._stamp_versions(traj, segment_start, segment.versions, request_id)
+            if segment.token_ids and min(traj.versions[segment_start:]) < not_before:
+                raise RuntimeError(f"engine request {request_id} sampled tokens on weights of version "
+                                   f"{min(traj.versions[segment_start:])}, but its group was admitted at "
+                                   f"version {not_before}: it would be trained older than the staleness bound allows")
             if finish is FinishReason.ABORTED and reason == "update":
                 self.counts["samples_interrupted"] += 1
                 continue  # resume on the new weights once the gate reopens
@@ -416,10 +425,10 @@ class RolloutWorker:
             self._paused = True  # a batch boundary arriving meanwhile is served by this swap
             interrupted = len(self._active)
             self.counts["samples_interrupted"] += interrupted
-            self.version = version
             drained = None
             try:
-                drained = await self.engine.aswap_weights(payload, version, paused=held_already)
+                drained = await self.engine.aswap_weights(payload, version, paused=held_already,
+                                                          on_sent=lambda: self._weights_sent(version))
             finally:
                 if not held_already and drained is not None:
                     self._stop_clocks(drained)
@@ -434,15 +443,22 @@ class RolloutWorker:
                     interrupted = await self._abort_active("update")
                 await self._idle.wait()  # no request of the old version is still generating
                 drained = time.perf_counter()
-                self.version = version
                 if not await self.engine.aload_weights(payload, version):
                     self.counts["prefix_cache_kept"] += 1
+                self._weights_sent(version)
             finally:
                 self._gate.set()
         now = time.perf_counter()
         return {"weight_sync_apply_s": now - start, "weight_sync_drain_s": drained - start,
                 "weight_sync_load_s": now - drained, "weight_bytes": len(payload),
                 "requests_interrupted": interrupted, "stats": self.stats()}
+
+    def _weights_sent(self, version: int) -> None:
+        """From now on every request sent to the engine runs on `version`'s weights (it
+        queues behind their load): release the groups held for them."""
+        self.version = version
+        released, self._new_weights = self._new_weights, asyncio.Event()
+        released.set()
 
     # -- evaluation and stats ----------------------------------------------------------
     async def evaluate(self, rows: list[dict], prompt_key: str = "prompt") -> dict[str, float]:

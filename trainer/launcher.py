@@ -8,9 +8,11 @@ The loop is the whole asynchronous algorithm, so it stays on one screen:
     when a step ends: the trainer's new weights go straight to the worker (v + 1)
 
 Generation never stops for training; the engine stops only for a weight load's own
-work, between two of its steps (about 2 ms on the built-in model; from the step's end to
-the new weights in use, about 12-15 ms: see docs/benchmarks.md). Ray carries the two plain classes as actors, each
-pinned to its own core.
+work, between two of its steps (about 2 ms on the built-in model: see
+docs/benchmarks.md). Admission follows the trainer's version: the groups a step's end
+admits go to the worker at once, and it holds them until that step's weights are on
+their way into the engine. Ray carries the two plain classes as actors, each pinned to
+its own core.
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     sched = RolloutScheduler(cfg.trainer.batch_groups, cfg.buffer.max_staleness, cfg.rollout.overprovision,
                              algo.dynamic_sampling, algo.max_num_gen_batches, cfg.buffer.stragglers)
     ledger = sched.ledger
-    version = 0  # trainer's
-    synced = 0  # the worker's: admission follows the weights rollouts actually use
+    version = 0  # the trainer's; admission follows it, and the worker holds what it admits
+    # until that version's weights are in the engine (so no slot waits for a round trip)
     collect_ref = worker.collect.remote(min_groups=1, timeout_s=2.0)
     train_ref = eval_ref = None
     syncs: deque[PendingSync] = deque()  # weight pushes in flight, oldest first
@@ -176,13 +178,13 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
 
     while version < total or syncs or eval_ref is not None:
         if version < total:
-            resume, _ = sched.partials_to_resume(version, synced)
+            resume, _ = sched.partials_to_resume(version)
             if resume:
-                worker.resume.remote(resume)
-            capacity = sched.capacity(version, synced)
+                worker.resume.remote(resume, version)
+            capacity = sched.capacity(version)
             if capacity > 0:
-                items = pool.next(capacity, version=synced)
-                sched.started([item.group_id for item in items], synced)
+                items = pool.next(capacity, version=version)
+                sched.started([item.group_id for item in items], version)
                 worker.submit.remote(items)
         if train_ref is None and version < total:
             batch = sched.next_batch(version)
@@ -221,7 +223,6 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
         if sync_ref is not None and sync_ref in ready:
             done = syncs.popleft()
             sync = ray.get(done.ref)
-            synced = done.version
             stats = sync["stats"]  # taken as the load finished: no second round trip to a busy actor
             now = time.perf_counter()
             ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])

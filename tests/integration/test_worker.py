@@ -109,6 +109,52 @@ def test_interrupted_requests_resume_on_new_weights_with_exact_versions_and_logp
     assert worker.counts["prefix_cache_kept"] == (1 if interrupt_by == "pause" else 0)
 
 
+@pytest.mark.parametrize("interrupt_by, executor", [("pause", "uniproc"), ("pause", "mp"), ("abort", "uniproc")])
+def test_a_group_admitted_for_the_next_version_waits_for_its_weights(
+        make_worker, trainer, loop_thread, interrupt_by, executor, request):
+    """Admission follows the trainer, so a group admitted at version v can reach the worker
+    before v's weights do. It must wait for them, then run on them alone: every token
+    stamped v and sampled from v's weights (its logprobs are those of the new model, from
+    the first token on), also when it is released while the load is still under way."""
+    worker = make_worker("interrupt", interrupt_by, request.getfixturevalue("mp_engine") if executor == "mp" else None)
+    loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))
+    _train_one_step(trainer)
+    v0 = worker.version = trainer.version - 1  # the engine holds the previous weights
+    loop_thread.run(worker.engine.alabel(v0))
+    early = PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id=f"early-{request.node.name}",
+                       start_version=v0 + 1)
+    late = PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id=f"late-{request.node.name}",
+                      start_version=v0 + 1)
+
+    async def run():
+        await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2,
+                                        group_id=f"old-{request.node.name}")])
+        await worker.submit([early])  # arrives before its weights: held
+        while sum(n >= 2 for n in _tokens_so_far(worker.engine)) < 2:  # the old group is under way
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        in_engine = len(_tokens_so_far(worker.engine))
+        # the next group arrives while the update is under way
+        update = asyncio.ensure_future(worker.update_weights(trainer.export_weights(), v0 + 1))
+        await asyncio.sleep(0)
+        await worker.submit([late])
+        await update
+        groups = []
+        while len(groups) < 3:
+            groups += (await worker.collect(min_groups=1, timeout_s=60)).groups
+        return in_engine, {g.group_id.split("-")[0]: g for g in groups}
+
+    in_engine, groups = loop_thread.run(run())
+    assert in_engine == 2  # the held group sent nothing to the engine
+    assert set(groups["old"].trajectories[0].versions) == {v0, v0 + 1}
+    new_model = trainer.engine.module
+    for name in ("early", "late"):
+        for traj in groups[name].trajectories:
+            assert traj.num_response_tokens == 56 and set(traj.versions) == {v0 + 1}
+            expected = logprobs_under(new_model, traj.prompt_ids, traj.response_ids)
+            assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs, expected)) < 1e-4
+
+
 def _train_one_step(trainer) -> None:
     """A real DeepSpeed step on a tiny group, so the trainer's weights differ from the engine's."""
     g = Group(group_id="warm", prompt_id="p", prompt_text=ROW["prompt"], row=ROW)

@@ -1,9 +1,11 @@
 """Admission control, the buffer and partial rollouts under random interleavings.
 
 A small simulator plays the worker's and trainer's parts around the real
-`RolloutScheduler` (the class the launcher uses): groups start, generate tokens stamped
-with the worker's current version, finish in any order, get interrupted (APRIL), are
-consumed, and weights are updated and synced. Over at least 10,000 generated schedules
+`RolloutScheduler` (the class the launcher uses): groups are admitted on the trainer's
+version, held (as the worker holds them) until the worker has that version's weights,
+generate tokens stamped with the worker's current version, finish in any order, get
+interrupted (APRIL), are consumed, and weights are updated and synced, the worker as
+many versions behind the trainer as the schedule makes it. Over at least 10,000 generated schedules
 no consumed trained token may be older than η and the ledger must balance after every
 event (10,000 with the default straggler policy, 3,000 more with `stragglers="mask"`,
 2,000 more with APRIL holding requests in the engine instead of aborting them).
@@ -32,42 +34,47 @@ class Sim:
         self.samples = samples
         self.version = 0  # trainer
         self.synced = 0  # worker
-        self.live: dict[str, Group] = {}  # generating on the worker
+        self.live: dict[str, Group] = {}  # on the worker: generating, or held for newer weights
+        self.not_before: dict[str, int] = {}  # group id -> the weights it waits for
         self.next_id = 0
         self.consumed_ages: list[int] = []
         self.batches: list[list[str]] = []  # group ids of every batch handed out, in order
-        self.unsynced = False
         self.hold = hold  # APRIL with requests paused in the engine at the batch boundary, not aborted
 
     def admit(self) -> None:
-        resume, _ = self.sched.partials_to_resume(self.version, self.synced)
+        resume, _ = self.sched.partials_to_resume(self.version)
         for group in resume:
             for t in group.trajectories:
                 if t.finish_reason is FinishReason.ABORTED:
                     t.finish_reason = None
             self.live[group.group_id] = group
-        capacity = self.sched.capacity(self.version, self.synced)
+            self.not_before[group.group_id] = self.version
+        capacity = self.sched.capacity(self.version)
         ids = []
         for _ in range(capacity):
             gid = f"{self.next_id:08x}"
             self.next_id += 1
-            g = Group(group_id=gid, prompt_id=gid, prompt_text="", row={}, start_version=self.synced)
+            g = Group(group_id=gid, prompt_id=gid, prompt_text="", row={}, start_version=self.version)
             g.trajectories = [Trajectory(prompt_id=gid, group_id=gid, prompt_ids=[1]) for _ in range(self.samples)]
             self.live[gid] = g
+            self.not_before[gid] = self.version
             ids.append(gid)
-        self.sched.started(ids, self.synced)
+        self.sched.started(ids, self.version)
+
+    def generating(self) -> list[str]:
+        """Groups the worker lets generate: those whose weights it has."""
+        return sorted(gid for gid in self.live if self.not_before[gid] <= self.synced)
 
     def token(self, rng: random.Random) -> None:
-        if self.live:
-            g = self.live[rng.choice(sorted(self.live))]
+        if self.generating():
+            g = self.live[rng.choice(self.generating())]
             t = rng.choice(g.trajectories)
             if t.finish_reason is None:
                 t.append_tokens([7], [-0.5], self.synced)  # stamped with the worker's weights
 
     def finish(self, rng: random.Random) -> None:
-        if not self.live:
-            return
-        self.finish_group(rng.choice(sorted(self.live)), rng)
+        if self.generating():
+            self.finish_group(rng.choice(self.generating()), rng)
 
     def finish_group(self, gid: str, rng: random.Random) -> None:
         g = self.live.pop(gid)
@@ -92,8 +99,6 @@ class Sim:
         self.sched.absorb([], [], partial)
 
     def consume(self, rng: random.Random) -> None:
-        if self.unsynced:
-            return  # the trainer is busy until its weights are out
         batch = self.sched.next_batch(self.version)
         if batch is None:
             return
@@ -107,12 +112,10 @@ class Sim:
             else:
                 self.interrupt(rng)
         self.version += 1
-        self.unsynced = True
 
     def sync(self) -> None:
-        if self.unsynced:
-            self.synced = self.version
-            self.unsynced = False
+        """The worker takes the next version's weights (updates arrive in order)."""
+        self.synced = min(self.synced + 1, self.version)
 
     def play(self, events, seed: int) -> None:
         rng = random.Random(seed)
