@@ -47,8 +47,8 @@ class TrainerConfig:
     seed: int = 0
     cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
     num_threads: int = 1
-    # torch.compile the model (shapes dynamic) before DeepSpeed wraps it: on the built-in
-    # model on CPU a step takes ~0.75-0.8x as long (fused elementwise work), for 17-45 s of
+    # torch.compile the model's forward (shapes dynamic) before DeepSpeed wraps it: on the
+    # built-in model on CPU a step takes ~0.75-0.8x as long (fused elementwise work), for 17-45 s of
     # compiling at start-up on a cold inductor cache (less once warm). Worth it for long runs
     # and for a trainer the rollout waits on; off by default so short runs start fast.
     compile: bool = False
