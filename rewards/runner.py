@@ -560,6 +560,24 @@ class RewardRunner:
 
         return list(await asyncio.gather(*(one(*it) for it in items)))
 
+    async def astart(self) -> None:
+        """Start the isolated workers now instead of at the first score: each is a Python
+        process importing the rewards, whose start-up would otherwise take CPU from the
+        rollout in its first batches. Optional; in-process rewards run their warm-up hooks."""
+        if self._closed:
+            raise RuntimeError("RewardRunner is closed")
+        if not self.cfg.isolated:
+            await self._run_inprocess([])
+            return
+        self._bind_loop()
+        slots = [await self._idle.get() for _ in range(self.cfg.num_workers)]  # no chunk runs meanwhile
+        try:
+            for slot in slots:
+                await self._live_worker(slot)
+        finally:
+            for slot in slots:
+                self._idle.put_nowait(slot)
+
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use, or a new loop (e.g. successive asyncio.run calls)
@@ -579,17 +597,22 @@ class RewardRunner:
                 return
             slot = await self._idle.get()
             try:
-                worker = self._workers[slot]
-                if worker is None or worker.proc.poll() is not None:
-                    if worker is not None:
-                        worker.kill()
-                        self._restarts += 1
-                    worker = self._workers[slot] = await self._start_worker()
+                worker = await self._live_worker(slot)
                 before = len(pending)
                 pending = await self._exchange(slot, worker, pending, items, results)
                 stalls = stalls + 1 if len(pending) == before else 0
             finally:
                 self._idle.put_nowait(slot)
+
+    async def _live_worker(self, slot: int) -> _Worker:
+        """The worker of a slot the caller holds: started if it is not, restarted if it died."""
+        worker = self._workers[slot]
+        if worker is None or worker.proc.poll() is not None:
+            if worker is not None:
+                worker.kill()
+                self._restarts += 1
+            worker = self._workers[slot] = await self._start_worker()
+        return worker
 
     async def _start_worker(self) -> _Worker:
         p2c_r, p2c_w = os.pipe()

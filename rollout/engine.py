@@ -127,6 +127,7 @@ class VLLMEngine:
         self._engine = None
         self._request_counter = 0
         self._params_cache: dict[tuple, object] = {}
+        self.live_from_start = False  # the model runs in LiveLoader's form from its first token (CPU, "live")
 
     async def astart(self) -> float:
         """Start the engine; returns seconds taken."""
@@ -153,6 +154,8 @@ class VLLMEngine:
         )
         self._engine = AsyncLLM.from_engine_args(args)
         await self.alabel(0)  # vLLM's default label is "default"; every token reports a Grove version
+        if self.cfg.weight_loader == "live":  # the form the first update would switch to, from the first token on
+            self.live_from_start = all(await self._engine.collective_rpc("grove_go_live", args=(self.model_path,)))
         return time.perf_counter() - start
 
     @property

@@ -141,6 +141,7 @@ class RolloutWorker:
         self._new_weights = asyncio.Event()  # set (and replaced) when `version` moves on
         seconds = 0.0 if self.engine.started else await self.engine.astart()
         await self.engine.alabel(self.version)
+        await self.rewards.astart()  # the reward processes' start-up, not on the rollout's core in the first batches
         # The first request with logprobs compiles a sampler kernel; pay for it now.
         start = time.perf_counter()
         await self.engine.agenerate(self.tokenizer.encode("1+1="), max_tokens=2)

@@ -66,6 +66,20 @@ def test_direct_loader_matches_vllm_reload(engine, loop_thread, model_path, load
         engine.cfg = saved_cfg
 
 
+def test_a_live_engine_decodes_live_from_its_first_token(engine, loop_thread, model_path):
+    """With weight_loader=live the engine leaves vLLM's packed form at start-up, with the
+    checkpoint's own weights, and samples what transformers computes from them."""
+    assert engine.cfg.weight_loader == "live" and engine.live_from_start
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    for prompt, (ids, logprobs) in zip(PROMPTS, loop_thread.run(greedy(engine, tokenizer))):
+        prompt_ids = tokenizer.encode(prompt)
+        full = torch.tensor([prompt_ids + ids])
+        with torch.no_grad():
+            expected = token_logprobs(model, full, torch.ones_like(full))[0, len(prompt_ids) - 1:].tolist()
+        assert ids and max(abs(a - b) for a, b in zip(logprobs, expected)) < 1e-4
+
+
 @pytest.mark.parametrize("loader", ["inplace", "live"])
 def test_direct_loader_refuses_a_payload_missing_a_tensor(engine, loop_thread, model_path, loader):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -100,6 +114,7 @@ def test_direct_loader_keeps_a_tied_output_layer_in_step(loop_thread, model_path
     engine = VLLMEngine(str(tied_dir), EngineConfig(cpu_cores=None, weight_loader=loader))
     loop_thread.run(engine.astart())
     try:
+        assert engine.live_from_start == (loader == "live")  # the tied checkpoint too goes live at start
         loop_thread.run(engine.aload_weights(save(new_state)))
         checked = 0
         for prompt, (ids, logprobs) in zip(PROMPTS, loop_thread.run(greedy(engine, tokenizer))):

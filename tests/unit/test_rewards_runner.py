@@ -480,6 +480,26 @@ def test_config_as_hydra_structured_schema():
     assert isinstance(omegaconf.OmegaConf.to_object(merged), RewardConfig)
 
 
+def test_astart_starts_every_worker_before_the_first_score(user_file):
+    """So a rollout pays the reward processes' start-up before it generates, not during."""
+    runner = RewardRunner({"functions": [{"fn": f"{user_file}:length"}], "num_workers": 2})
+    try:
+        async def go():
+            await runner.astart()
+            started = [w.proc.pid for w in runner._workers if w is not None and w.proc.poll() is None]
+            await runner.astart()  # nothing more to start
+            again = [w.proc.pid for w in runner._workers if w is not None]
+            scored = await runner.ascore([req("abc")] * 6)
+            return started, again, scored, [w.proc.pid for w in runner._workers if w is not None]
+
+        started, again, scored, after = asyncio.run(go())
+        assert len(started) == 2 and again == started and after == started  # the same processes score
+        assert [s.score for s in scored] == [0.3] * 6
+        assert runner.metrics()["reward/worker_restarts"] == 0
+    finally:
+        runner.close()
+
+
 def test_close_kills_workers(user_file):
     runner = RewardRunner({"functions": [{"fn": f"{user_file}:length"}], "num_workers": 2})
     runner.score([req("a")] * 4)
