@@ -18,4 +18,7 @@ pip install --quiet torch==2.13.0 -e ".[test]"
 # and then fails with "operator torchvision::nms does not exist". Grove needs none of them.
 pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 python -c "import rollout, trainer, algorithms, buffer, rewards"
+# What a fresh machine's first run would otherwise build at start (cached afterwards): the
+# built-in model, DeepSpeed's CPU op (g++), the compiled trainer's kernels. ~2.5 min once.
+grove prepare
 echo "install: ready (.venv)"

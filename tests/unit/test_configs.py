@@ -82,3 +82,8 @@ def test_cli_config_errors_exit_nonzero_with_a_message():
     assert out.returncode != 0 and "nosuch" in out.stderr
     out = run_cli("fly")
     assert out.returncode == 2 and "unknown command" in out.stderr
+    for args in (["trainer.zero_stage=7"], ["nosuch.key=1"]):  # `grove prepare` composes the same config
+        out = run_cli("prepare", *args)
+        assert out.returncode == 2 and "grove: config error" in out.stderr and args[0].split(".")[0] in out.stderr
+    out = run_cli("prepare", "model.path=/nonexistent/model")
+    assert out.returncode == 2 and "model.path" in out.stderr
