@@ -6,21 +6,23 @@
 One invocation measures, one after the other on the same two cores:
 
 1. the bounds, in one Ray session (`start_actors`):
-   - rollout-only: the rollout worker generates steps x B groups of the workload, all
-     submitted at once (no admission limit, no training, no weight updates);
+   - rollout-only: the fastest of five runs of the rollout worker alone (no training, no
+     weight updates) on the same steps x B groups of the workload: all submitted at once,
+     first and again last; at most W groups in flight, refilled as they finish, for
+     W = B, 2B and (eta + 1) x B; and under AReaL's admission rule with a trainer that
+     consumes instantly. Which schedule is fastest depends on the machine: where the
+     engine's front end is slow, many requests at once cost more than they gain;
    - train-only: `Trainer.train_step` on those already generated groups, B per call,
      all calls queued back to back (the trainer never waits for data);
-   - for diagnosis only (not in the summary line): the same groups again, with at most
-     W groups in flight, refilled as they finish, for W = B, 2B and (eta + 1) x B: the
-     rollout alone at the concurrency AReaL's rule leaves it. (eta + 1) x B is its window
-     with a trainer that consumes instantly; while a batch trains, that batch takes B of
-     it, and finished groups waiting for the next batch take more, so in the loop only
-     about 1.2 B groups generate (the async row's requests in flight / n_samples);
-   - also for diagnosis: the same groups under AReaL's admission rule with a trainer that
-     takes the measured train_step time per batch (and once with one that consumes
-     instantly) but uses no core, and weights that load instantly. The async loop is this
-     plus the trainer's work beside the rollout and the weight loads, so the report splits
-     the gap to rollout-only into the rule's share and theirs;
+   - the windows read against the async loop: (eta + 1) x B is AReaL's window with a
+     trainer that consumes instantly; while a batch trains, that batch takes B of it,
+     and finished groups waiting for the next batch take more, so in the loop only about
+     1.2 B groups generate (the async row's requests in flight / n_samples);
+   - for diagnosis: the same groups under AReaL's admission rule with a trainer that
+     takes the measured train_step time per batch but uses no core, and weights that load
+     instantly. The async loop is this plus the trainer's work beside the rollout and the
+     weight loads, so the report splits the gap to rollout-only into the rule's share and
+     theirs;
 2. the training runs, each through `trainer.launcher.train` (each starts and stops its
    own Ray, vLLM and DeepSpeed; only the loop is timed, `run/loop_s` in metrics.jsonl):
    - sync:       buffer.max_staleness=0, rollout.on_update=wait, rollout.overprovision=1
@@ -105,17 +107,6 @@ def workload_overrides(args) -> list[str]:
     ]
 
 
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from trainer.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        raw = compose(config_name="config", overrides=overrides)
-        return OmegaConf.to_object(raw), OmegaConf.to_yaml(raw, resolve=True)
-
-
 # -- bounds ----------------------------------------------------------------------------
 def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int], eta: int) -> dict:
     """Rollout-only and train-only throughput (trajectories/s) on this workload; for
@@ -147,10 +138,11 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
                           for g in groups) if cfg.rollout.long_tail_min_tokens else 0
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
             f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
+        schedules = {"all at once": num_groups * n / rollout_s}  # rollout-only is the fastest of these
         windowed = {}
         for window in windows:
             _, seconds = rollout_in_window(worker, workload(), window)
-            windowed[window] = num_groups * n / seconds
+            windowed[window] = schedules[f"{window} groups in flight"] = num_groups * n / seconds
             say(f"bounds: rollout in a window of {window} groups: {num_groups} groups in {seconds:.2f}s")
 
         batches = [groups[i * batch_groups:(i + 1) * batch_groups] for i in range(len(groups) // batch_groups)]
@@ -175,11 +167,18 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
             under_rule[step_s] = (num_groups * n / seconds, generating)
             say(f"bounds: rollout under the admission rule, trainer {step_s * 1000:.0f} ms per batch: "
                 f"{num_groups} groups in {seconds:.2f}s, {generating:.1f} groups generating")
+        schedules["under the rule, trainer consuming instantly"] = under_rule[0.0][0]
+        _, seconds = rollout_in_window(worker, workload(), window=num_groups)  # the first run had a cold engine
+        schedules["all at once, again"] = num_groups * n / seconds
+        say(f"bounds: rollout-only again, all at once: {num_groups} groups in {seconds:.2f}s")
         ray.get(worker.ashutdown.remote())
     finally:
         ray.shutdown()
+    fastest = max(schedules, key=schedules.get)
     return {
-        "rollout_only_traj_s": num_groups * n / rollout_s,
+        "rollout_only_traj_s": schedules[fastest],
+        "rollout_only_schedule": fastest,
+        "rollout_schedules_traj_s": schedules,
         "rollout_window_traj_s": windowed[max(windows)],  # (eta + 1) x B, the admission window
         "rollout_window_groups": max(windows),
         "rollout_windows_traj_s": windowed,
@@ -386,13 +385,16 @@ class RunWatch:
 
 # -- one training run -------------------------------------------------------------------
 def run_mode(name: str, overrides: list[str], out: Path, guard_batches: float, max_rss_gb: float) -> dict:
+    from omegaconf import OmegaConf
+
+    from trainer.cli import load_config
     from trainer.launcher import train
 
-    cfg, resolved = compose_config(overrides)
+    cfg = load_config(overrides)
     run_dir = out / name.replace("+", "_")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(resolved)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     say(f"{name}: {' '.join(overrides)}")
     limit = int(guard_batches * cfg.trainer.batch_groups * cfg.rollout.n_samples)
     watch = RunWatch(run_dir / "metrics.jsonl", limit, max_rss_gb)
@@ -517,8 +519,12 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
     ]
     if bounds:
         lines += [
-            f"| rollout-only | {fmt(bounds['rollout_only_traj_s'], 1)} | {bounds['rollout_only_groups']} groups submitted "
-            f"at once, done in {fmt(bounds['rollout_only_s'])} s; {fmt(bounds['rollout_only_tok_s'], 0)} tok/s; "
+            f"| rollout-only | {fmt(bounds['rollout_only_traj_s'], 1)} | the fastest of the rollout-alone runs marked * "
+            f"below: {bounds['rollout_only_schedule']} |",
+            f"| (rollout, all {bounds['rollout_only_groups']} groups at once) * | "
+            f"{fmt(bounds['rollout_schedules_traj_s']['all at once'], 1)}, again last "
+            f"{fmt(bounds['rollout_schedules_traj_s']['all at once, again'], 1)} | no admission limit; the first run "
+            f"done in {fmt(bounds['rollout_only_s'])} s, {fmt(bounds['rollout_only_tok_s'], 0)} tok/s; "
             f"{bounds['long_tail_groups']} long-tail groups; mean response {fmt(bounds['mean_response_tokens'], 1)} tokens |",
             f"| train-only | {fmt(bounds['train_only_traj_s'], 1)} | {bounds['train_only_steps']} train_step calls queued "
             f"back to back, {fmt(bounds['train_step_s'], 3)} s each; export_weights {fmt(bounds['export_s'] * 1000, 0)} ms |",
@@ -527,13 +533,14 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
         for window in sorted(windows):
             label = ("(eta + 1) x B: AReaL's window, trainer consuming instantly" if window == bounds["rollout_window_groups"]
                      else f"{window // args.batch_groups} x B")
-            lines.append(f"| (rollout, {window} groups in flight) | {fmt(windows[window], 1)} | the same groups, at most "
-                         f"{window} = {label}; refilled as they finish; diagnosis only, not a bound of the summary line |")
+            lines.append(f"| (rollout, {window} groups in flight) * | {fmt(windows[window], 1)} | the same groups, at "
+                         f"most {window} = {label}; refilled as they finish |")
         for step_s, (traj_s, generating) in sorted(bounds["rollout_under_rule"].items()):
-            trainer = "consuming instantly" if step_s == 0 else f"taking {fmt(step_s, 3)} s per batch on no core"
-            lines.append(f"| (rollout under the rule, trainer {trainer}) | {fmt(traj_s, 1)} | the same groups under "
+            trainer = ("consuming instantly) *" if step_s == 0
+                       else f"taking {fmt(step_s, 3)} s per batch on no core)")
+            lines.append(f"| (rollout under the rule, trainer {trainer} | {fmt(traj_s, 1)} | the same groups under "
                          f"AReaL's admission rule (eta={eta}), {fmt(generating, 1)} groups generating on average; weights "
-                         "load instantly; diagnosis only |")
+                         "load instantly" + ("" if step_s == 0 else "; diagnosis only, not rollout alone") + " |")
     lines += [
         "",
         "| mode | eta | steps | loop s | trained traj | traj/s (loop) | vs sync | traj/s (steady) | exit s | "
@@ -641,9 +648,8 @@ def main() -> None:
     if args.steps is None:
         args.steps = 30 if args.quick else 100
 
-    from trainer.config import register_configs
+    from trainer.cli import load_config
 
-    register_configs()
     args.out.mkdir(parents=True, exist_ok=True)
     base = workload_overrides(args)
     modes = mode_overrides(args.eta)
@@ -657,7 +663,7 @@ def main() -> None:
     with stdout_to_stderr():
         if not args.skip_bounds:
             say("bounds: rollout-only and train-only")
-            cfg, _ = compose_config(base + modes["async"])
+            cfg = load_config(base + modes["async"])
             start = time.perf_counter()
             windows = sorted({args.batch_groups, 2 * args.batch_groups, (args.eta + 1) * args.batch_groups})
             bounds = measure_bounds(cfg, num_groups=args.steps * args.batch_groups, train_batches=args.steps,
