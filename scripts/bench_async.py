@@ -1,7 +1,7 @@
 """Synchronous vs APRIL vs asynchronous training on one long-tail workload, same cores.
 
     python scripts/bench_async.py --quick        # 30 steps per mode, < 5 min including every start-up
-    python scripts/bench_async.py                # 100 steps per mode, steadier numbers (~4 min)
+    python scripts/bench_async.py                # 100 steps per mode, steadier numbers (~5 min)
 
 One invocation measures, one after the other on the same two cores:
 
