@@ -27,9 +27,10 @@ EVENTS = ("admit", "token", "finish", "interrupt", "consume", "sync")
 
 class Sim:
     def __init__(self, batch_groups: int, eta: int, overprovision: float = 1.0, samples: int = 2,
-                 dynamic_sampling: bool = False, stragglers: str = "wait", hold: bool = False) -> None:
+                 dynamic_sampling: bool = False, stragglers: str = "wait", hold: bool = False,
+                 total_groups: int | None = None) -> None:
         self.sched = RolloutScheduler(batch_groups, eta, overprovision, dynamic_sampling, max_num_gen_batches=1000,
-                                      stragglers=stragglers)
+                                      stragglers=stragglers, total_groups=total_groups)
         self.eta = eta
         self.samples = samples
         self.version = 0  # trainer
@@ -196,6 +197,31 @@ def test_fair_schedules_make_progress(eta, overprovision, stragglers):
     assert sim.version >= 20
     if overprovision > 1:
         assert sim.sched.ledger.partial > 0 and sim.sched.ledger.resumed > 0
+
+
+@pytest.mark.parametrize("eta,overprovision,stragglers,hold,dynamic_sampling", [
+    (0, 1.0, "wait", False, False), (2, 1.0, "wait", False, False), (2, 1.0, "mask", False, False),
+    (1, 2.0, "wait", False, False), (1, 2.0, "wait", True, False), (2, 1.0, "mask", False, True)])
+def test_a_run_starts_only_the_groups_it_will_train(eta, overprovision, stragglers, hold, dynamic_sampling):
+    """With the run's length known, admission starts total_steps x B groups (plus one for
+    each filtered by dynamic sampling), the run still reaches its last step, and nothing
+    is left generating or buffered at the end."""
+    steps, batch_groups = 12, 3
+    sim = Sim(batch_groups, eta, overprovision, dynamic_sampling=dynamic_sampling, stragglers=stragglers,
+              hold=hold, total_groups=steps * batch_groups)
+    rng = random.Random(eta * 100 + int(overprovision) * 10 + hold)
+    for i in range(20000):
+        if sim.version == steps:
+            break
+        sim.play([rng.choice(EVENTS)], seed=i)
+        ledger = sim.sched.ledger
+        assert ledger.started - ledger.retired <= steps * batch_groups
+    assert sim.version == steps
+    ledger = sim.sched.ledger
+    assert ledger.consumed == steps * batch_groups
+    assert ledger.started == steps * batch_groups + ledger.filtered
+    assert not sim.live and not sim.sched.running and not len(sim.sched.buffer) and not sim.sched.partial_pool
+    assert sim.sched.capacity(sim.version) == 0
 
 
 def _straggler_scenario(stragglers: str):
