@@ -47,7 +47,7 @@ STRAGGLER_POLICIES = ("wait", "mask")
 class RolloutScheduler:
     def __init__(self, batch_groups: int, max_staleness: int, overprovision: float = 1.0,
                  dynamic_sampling: bool = False, max_num_gen_batches: int = 10, stragglers: str = "wait",
-                 total_groups: int | None = None) -> None:
+                 total_steps: int | None = None) -> None:
         if stragglers not in STRAGGLER_POLICIES:
             raise ValueError(f"stragglers={stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         self.batch_groups = batch_groups
@@ -66,9 +66,9 @@ class RolloutScheduler:
         self.was_partial: set[str] = set()
         self.filtered_in_a_row = 0
         self.batch_taken = -1  # the last version a batch was handed out for
-        # The groups the run will train (total steps x B): no group starts that no batch
-        # would take, so the end of a run wastes no generation. None: no end.
-        self.total_groups = total_groups
+        # The run's last version: no group starts that no remaining batch would take, so the
+        # end of a run wastes no generation. None: no end.
+        self.total_steps = total_steps
 
     def generation_open(self, version: int) -> bool:
         """Under APRIL (synchronous with over-provisioning) new segments start for a version
@@ -103,8 +103,11 @@ class RolloutScheduler:
             room = max(0, self.in_flight_target - len(self.running) - len(self.buffer))
         else:
             room = self.gate.capacity(version, taking_slots)
-        if self.total_groups is not None:
-            room = min(room, max(0, self.total_groups - taking_slots))
+        if self.total_steps is not None:
+            # enough for B groups per remaining step; counted in steps, not groups, because a
+            # batch may take more than B (groups due at their deadline all go)
+            in_system = taking_slots - self.ledger.consumed  # running, buffered or partial
+            room = min(room, max(0, (self.total_steps - version) * self.batch_groups - in_system))
         return room
 
     def hold_running(self) -> int:
