@@ -104,10 +104,11 @@ class RolloutScheduler:
         else:
             room = self.gate.capacity(version, taking_slots)
         if self.total_steps is not None:
-            # enough for B groups per remaining step; counted in steps, not groups, because a
-            # batch may take more than B (groups due at their deadline all go)
+            # enough for B groups per batch still to take; counted in batches, not groups,
+            # because a batch may take more than B (groups due at their deadline all go)
+            batches_left = self.total_steps - max(version, self.batch_taken + 1)
             in_system = taking_slots - self.ledger.consumed  # running, buffered or partial
-            room = min(room, max(0, (self.total_steps - version) * self.batch_groups - in_system))
+            room = min(room, max(0, batches_left * self.batch_groups - in_system))
         return room
 
     def hold_running(self) -> int:
