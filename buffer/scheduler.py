@@ -46,8 +46,7 @@ STRAGGLER_POLICIES = ("wait", "mask")
 
 class RolloutScheduler:
     def __init__(self, batch_groups: int, max_staleness: int, overprovision: float = 1.0,
-                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10, stragglers: str = "wait",
-                 total_steps: int | None = None) -> None:
+                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10, stragglers: str = "wait") -> None:
         if stragglers not in STRAGGLER_POLICIES:
             raise ValueError(f"stragglers={stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         self.batch_groups = batch_groups
@@ -66,9 +65,6 @@ class RolloutScheduler:
         self.was_partial: set[str] = set()
         self.filtered_in_a_row = 0
         self.batch_taken = -1  # the last version a batch was handed out for
-        # The run's last version: no group starts that no remaining batch would take, so the
-        # end of a run wastes no generation. None: no end.
-        self.total_steps = total_steps
 
     def generation_open(self, version: int) -> bool:
         """Under APRIL (synchronous with over-provisioning) new segments start for a version
@@ -96,20 +92,11 @@ class RolloutScheduler:
         """How many new groups may start at the trainer's `version`."""
         if self.partial_pool:
             return 0  # partial groups go first
-        taking_slots = self.ledger.started - self.ledger.retired  # running, buffered, partial or consumed
         if self.april:
             if not self.generation_open(version):
                 return 0
-            room = max(0, self.in_flight_target - len(self.running) - len(self.buffer))
-        else:
-            room = self.gate.capacity(version, taking_slots)
-        if self.total_steps is not None:
-            # enough for B groups per batch still to take; counted in batches, not groups,
-            # because a batch may take more than B (groups due at their deadline all go)
-            batches_left = self.total_steps - max(version, self.batch_taken + 1)
-            in_system = taking_slots - self.ledger.consumed  # running, buffered or partial
-            room = min(room, max(0, batches_left * self.batch_groups - in_system))
-        return room
+            return max(0, self.in_flight_target - len(self.running) - len(self.buffer))
+        return self.gate.capacity(version, self.ledger.started - self.ledger.retired)
 
     def hold_running(self) -> int:
         """APRIL with requests paused, not aborted, at the batch boundary: the groups still

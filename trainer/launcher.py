@@ -161,8 +161,7 @@ def run_loop(cfg: GroveConfig, data: PromptData, worker, trainer, logger: Metric
     algo = cfg.algorithm
     pool = PromptPool(data.train, cfg.rollout.n_samples, seed=cfg.seed, prompt_key=cfg.task.prompt_key)
     sched = RolloutScheduler(cfg.trainer.batch_groups, cfg.buffer.max_staleness, cfg.rollout.overprovision,
-                             algo.dynamic_sampling, algo.max_num_gen_batches, cfg.buffer.stragglers,
-                             total_steps=total)
+                             algo.dynamic_sampling, algo.max_num_gen_batches, cfg.buffer.stragglers)
     ledger = sched.ledger
     version = 0  # the trainer's; admission follows it, and the worker holds what it admits
     # until that version's weights are in the engine (so no slot waits for a round trip)
