@@ -563,6 +563,7 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
     if bounds and "async" in by_mode:
         generating = by_mode["async"].get("concurrency", nan) / args.n_samples
         rule_traj_s = bounds["rollout_under_rule"][max(bounds["rollout_under_rule"])][0]
+        ceiling = bounds["rollout_under_rule"][min(bounds["rollout_under_rule"])][0] / bounds["rollout_only_traj_s"]
         lines += ["", f"async over the rollout in its admission window: "
                       f"{fmt(by_mode['async']['traj_s'] / bounds['rollout_window_traj_s'])}; groups generating in the "
                       f"async loop: {fmt(generating, 1)} on average (requests in flight / n_samples), to read against "
@@ -570,7 +571,10 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
                   "", "where the async loop's gap to rollout-only goes: the admission rule with a trainer of this "
                       f"speed leaves {fmt(rule_traj_s / bounds['rollout_only_traj_s'])} of rollout-only; of that, the "
                       f"async loop keeps {fmt(by_mode['async']['traj_s'] / rule_traj_s)} (the rest is the trainer's "
-                      "work beside the rollout and the weight loads)"]
+                      "work beside the rollout and the weight loads)",
+                  "", f"ceiling: with a trainer that takes no time and no core, the rule leaves {fmt(ceiling)} of "
+                      "rollout-only; no loop under AReaL's rule at this eta, batch and engine makes a higher "
+                      "pipeline_efficiency"]
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
             "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")
