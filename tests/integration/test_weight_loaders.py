@@ -43,6 +43,19 @@ def same_generations(a, b, tolerance: float) -> bool:
                for (ids_a, lp_a), (ids_b, lp_b) in zip(a, b))
 
 
+def assert_samples_match_transformers(engine: VLLMEngine, loop_thread, tokenizer, model) -> None:
+    """The engine's greedy samples carry the logprobs transformers computes for them."""
+    checked = 0
+    for prompt, (ids, logprobs) in zip(PROMPTS, loop_thread.run(greedy(engine, tokenizer))):
+        prompt_ids = tokenizer.encode(prompt)
+        full = torch.tensor([prompt_ids + ids])
+        with torch.no_grad():
+            expected = token_logprobs(model, full, torch.ones_like(full))[0, len(prompt_ids) - 1:].tolist()
+        assert max(abs(a - b) for a, b in zip(logprobs, expected)) < 1e-4
+        checked += len(ids)
+    assert checked >= 6
+
+
 @pytest.mark.parametrize("loader, tolerance", [("inplace", 0.0), ("live", 1e-5)])
 def test_direct_loader_matches_vllm_reload(engine, loop_thread, model_path, loader, tolerance):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -72,12 +85,7 @@ def test_a_live_engine_decodes_live_from_its_first_token(engine, loop_thread, mo
     assert engine.cfg.weight_loader == "live" and engine.live_from_start
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    for prompt, (ids, logprobs) in zip(PROMPTS, loop_thread.run(greedy(engine, tokenizer))):
-        prompt_ids = tokenizer.encode(prompt)
-        full = torch.tensor([prompt_ids + ids])
-        with torch.no_grad():
-            expected = token_logprobs(model, full, torch.ones_like(full))[0, len(prompt_ids) - 1:].tolist()
-        assert ids and max(abs(a - b) for a, b in zip(logprobs, expected)) < 1e-4
+    assert_samples_match_transformers(engine, loop_thread, tokenizer, model)
 
 
 @pytest.mark.parametrize("loader", ["inplace", "live"])
@@ -116,14 +124,26 @@ def test_direct_loader_keeps_a_tied_output_layer_in_step(loop_thread, model_path
     try:
         assert engine.live_from_start == (loader == "live")  # the tied checkpoint too goes live at start
         loop_thread.run(engine.aload_weights(save(new_state)))
-        checked = 0
-        for prompt, (ids, logprobs) in zip(PROMPTS, loop_thread.run(greedy(engine, tokenizer))):
-            prompt_ids = tokenizer.encode(prompt)
-            full = torch.tensor([prompt_ids + ids])
-            with torch.no_grad():
-                expected = token_logprobs(model, full, torch.ones_like(full))[0, len(prompt_ids) - 1:].tolist()
-            assert max(abs(a - b) for a, b in zip(logprobs, expected)) < 1e-4
-            checked += len(ids)
-        assert checked >= 6
+        assert_samples_match_transformers(engine, loop_thread, tokenizer, model)
+    finally:
+        engine.shutdown()
+
+
+def test_a_compiled_engine_takes_live_updates_in_place(loop_thread, model_path):
+    """vLLM's compiled forward (enforce_eager=false) calls the packed CPU kernels it was traced
+    with, so "live" loads as "inplace" there: the engine starts (it used to die on its first
+    step) and every update reaches the model."""
+    engine = VLLMEngine(model_path, EngineConfig(cpu_cores=None, weight_loader="live", enforce_eager=False))
+    loop_thread.run(engine.astart())
+    try:
+        assert not engine.live_from_start
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        assert_samples_match_transformers(engine, loop_thread, tokenizer, model)
+        for seed in (4, 5):  # two updates: the second replaces weights the first repacked
+            new_state = perturbed(load_file(f"{model_path}/model.safetensors"), seed)
+            loop_thread.run(engine.aload_weights(save(new_state), seed))
+            model.load_state_dict(new_state)
+            assert_samples_match_transformers(engine, loop_thread, tokenizer, model)
     finally:
         engine.shutdown()
