@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 USAGE = """usage: grove train [hydra overrides ...]
@@ -25,6 +26,12 @@ USAGE = """usage: grove train [hydra overrides ...]
   grove prepare                        build the default model, DeepSpeed's CPU op and the
                                        compiled trainer's kernels now (the install runs it)
 """
+
+
+def usage_error(kind: str, err: BaseException) -> NoReturn:
+    """Bad input found before any engine started: one message on stderr, exit code 2."""
+    print(f"grove: {kind}: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def load_config(overrides: list[str]):
@@ -52,15 +59,12 @@ def prepare(overrides: list[str]) -> None:
     try:
         cfg = load_config(overrides)
     except Exception as err:  # an unknown key, a bad value: as `grove train` reports them
-        cause = err.__cause__ or err
-        print(f"grove: config error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        usage_error("config error", err.__cause__ or err)
     say = lambda text: print(f"grove prepare: {text}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         _, model_path = preflight(cfg, say)
     except StartupError as err:
-        print(f"grove: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        usage_error("error", err)
     say(f"model ready: {model_path}")
     # Unpinned, so the compiler's g++ jobs use every core; one torch thread, as in a run,
     # because the kernels inductor generates depend on the thread count.
@@ -85,9 +89,7 @@ def _train_app() -> None:
         try:
             cfg = OmegaConf.to_object(raw)
         except Exception as err:  # __post_init__ checks raise ValueError, wrapped by OmegaConf
-            cause = err.__cause__ or err
-            print(f"grove: config error: {cause}", file=sys.stderr)
-            sys.exit(2)  # SystemExit passes through Hydra's own error reporting
+            usage_error("config error", err.__cause__ or err)  # SystemExit passes through Hydra's error reporting
         run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = OmegaConf.to_yaml(raw, resolve=True)
@@ -96,8 +98,7 @@ def _train_app() -> None:
         try:
             summary = train(cfg, run_dir)
         except StartupError as err:
-            print(f"grove: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            usage_error("error", err)
         print(
             f"grove: accuracy_before={summary.accuracy_before:.4f} "
             f"accuracy_after={summary.accuracy_after:.4f} run_dir={summary.run_dir}",

@@ -6,10 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from trainer.cli import CONFIG_DIR
+from trainer.cli import CONFIG_DIR, load_config
 from trainer.config import GroveConfig, register_configs
 
 register_configs()
@@ -20,8 +18,7 @@ NEEDS_VALUES = {("model", "hf"): ["model.path=/tmp/m"],
 
 
 def load(overrides=()):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+    return load_config(list(overrides))
 
 
 def test_default_config_is_typed():
