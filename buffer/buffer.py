@@ -1,11 +1,17 @@
 """The buffer between rollout and training, with its admission rule and its ledger.
 
-Admission control (AReaL, arXiv 2505.24298): with trainer version v, staleness bound η
-and batch size B (groups), a new group may start only while
+Admission control (AReaL, arXiv 2505.24298): with staleness bound η and batch size B
+(in samples: groups × responses per group), a new group may start only while the
+samples in flight (started, and not yet consumed by the trainer, dropped or filtered)
+number fewer than
 
-    started_groups < (v + η + 1) · B
+    in_flight < (η + 1) · B
 
+With a trainer that consumes B samples per version v this is AReaL's started < (v + η + 1)·B,
 so rollouts never run further ahead than the trainer can consume within η versions.
+Counting samples rather than groups bounds groups of different sizes; counting what was
+consumed keeps it exact when a batch takes more than B. Groups are never split, so the
+last group admitted may overshoot the bound by less than its own size.
 Finished work is therefore never thrown away for being stale, and the buffer's gate
 (`get`) checks the same promise from the other side: a group whose oldest token is
 older than v − η is a bug, and raises.
@@ -34,15 +40,16 @@ class Ledger:
     """Every group's life, counted. `lost` must stay 0.
 
     A group is started once; it then is running, buffered, in the partial pool,
-    consumed, dropped by a reward failure policy, or filtered (DAPO's dynamic sampling
-    keeps zero-variance groups out of batches). `partial`, `resumed` and
-    `samples_interrupted` count events, not groups in a state.
+    consumed, dropped (by a reward failure policy, or rejected by its rollout workflow),
+    or filtered (the prompt sampler kept it out of batches, as DAPO's dynamic sampling
+    does zero-variance groups). `partial`, `resumed` and `samples_interrupted` count
+    events, not groups in a state.
     """
 
     started: int = 0
     finished: int = 0
     consumed: int = 0
-    dropped_by_reward: int = 0
+    dropped: int = 0
     filtered: int = 0
     partial: int = 0  # times a group was handed back unfinished (APRIL)
     resumed: int = 0  # times a partial group was resumed
@@ -52,7 +59,7 @@ class Ledger:
     @property
     def retired(self) -> int:
         """Groups that no longer take a slot in the admission count."""
-        return self.dropped_by_reward + self.filtered
+        return self.dropped + self.filtered
 
     def lost(self, running: int, buffered: int, partial_pool: int = 0) -> int:
         """Started groups found in no state at all."""
@@ -63,16 +70,18 @@ class Ledger:
 
 
 class StalenessManager:
-    """How many new groups may start now (the rule in the module docstring)."""
+    """How many more samples may start now (the rule in the module docstring)."""
 
-    def __init__(self, batch_groups: int, max_staleness: int) -> None:
-        if batch_groups < 1 or max_staleness < 0:
-            raise ValueError(f"need batch_groups >= 1 and max_staleness >= 0, got {batch_groups}, {max_staleness}")
-        self.batch_groups = batch_groups
+    def __init__(self, batch_size: int, max_staleness: int) -> None:
+        if batch_size < 1 or max_staleness < 0:
+            raise ValueError(f"need batch_size >= 1 and max_staleness >= 0, got {batch_size}, {max_staleness}")
+        self.batch_size = batch_size
         self.max_staleness = max_staleness
 
-    def capacity(self, version: int, started: int) -> int:
-        return max(0, (version + self.max_staleness + 1) * self.batch_groups - started)
+    def capacity(self, in_flight: int) -> int:
+        """Room, in samples, with `in_flight` samples started and not yet consumed or retired;
+        a group may start while it is > 0."""
+        return max(0, (self.max_staleness + 1) * self.batch_size - in_flight)
 
 
 class TrajectoryBuffer:
@@ -81,10 +90,11 @@ class TrajectoryBuffer:
     A group started at version s must be consumed by version s + η (its deadline).
     Groups finish out of order, so plain first-in-first-out would let a slow group age
     past η while younger ones overtake it. `get` therefore hands out the earliest
-    deadlines first, and only if what stays behind (buffered or still generating) can
-    still meet its deadlines, B groups per version; otherwise the trainer waits for the
-    stragglers. Admission control guarantees a feasible schedule exists. With η = 0
-    this is exactly synchronous training.
+    deadlines first, every group due now included; a group left behind is due later and
+    goes then at the latest. A group still generating when it is due makes the trainer
+    wait for it (the caller passes none when stragglers may be left as context instead).
+    Admission keeps what is in flight within what the trainer consumes in η versions, so
+    the batches stay near B. With η = 0 this is exactly synchronous training.
     """
 
     def __init__(self, max_staleness: int) -> None:
@@ -99,24 +109,31 @@ class TrajectoryBuffer:
             raise ValueError(f"group {group.group_id} is not finished; partial groups go to the partial pool")
         self._groups.append(group)
 
-    def get(self, count: int, version: int, running_start_versions: Iterable[int] = ()) -> list[Group] | None:
-        """At least `count` groups for the trainer at `version`, or None if it must wait.
+    @property
+    def num_samples(self) -> int:
+        return sum(g.num_samples for g in self._groups)
 
-        `running_start_versions` are the start versions of groups still generating that
-        will be trained as they are. Buffered groups whose deadline is this version come
-        along even beyond `count` (APRIL collects a few extra when they finish together).
+    def get(self, batch_size: int, version: int,
+            running: Iterable[tuple[int, int]] = ()) -> list[Group] | None:
+        """Groups of at least `batch_size` samples for the trainer at `version`, or None if
+        it must wait.
+
+        `running` holds (start version, samples) of each group still generating that will
+        be trained as it is: one due now holds the batch back. Buffered groups whose
+        deadline is this version come along even beyond `batch_size`.
         """
-        if len(self._groups) < count:
+        if self.num_samples < batch_size:
             return None
+        if any(start + self.max_staleness <= version for start, _ in running):
+            return None  # a straggler is due: it must be in this batch
         self._groups.sort(key=lambda g: g.start_version)
-        must_go = sum(g.start_version + self.max_staleness <= version for g in self._groups)
-        take = max(count, must_go)
+        take = taken_samples = 0
+        for group in self._groups:
+            if taken_samples >= batch_size and group.start_version + self.max_staleness > version:
+                break
+            take += 1
+            taken_samples += group.num_samples
         batch, rest = self._groups[:take], self._groups[take:]
-        deadlines = sorted([g.start_version + self.max_staleness for g in rest] +
-                           [s + self.max_staleness for s in running_start_versions])
-        # The i-th earliest deadline left behind needs a slot in versions version+1 .. deadline.
-        if any(i + 1 > (deadline - version) * count for i, deadline in enumerate(deadlines)):
-            return None
         for group in batch:
             oldest = min(group.start_version, oldest_trained_version(group, group.start_version))
             if version - oldest > self.max_staleness:

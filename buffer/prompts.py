@@ -1,15 +1,15 @@
-"""Which prompts get rolled out next.
+"""Prompt items and the uniform walk over a dataset split.
 
 `PromptPool` walks the train split in a seeded, per-epoch shuffled order and remembers
 its cursor, so a resumed run continues with the next prompt instead of replaying or
-skipping data. Adaptive strategies (DARS, VADE, XRPO's allocator) plug in here later.
+skipping data. The prompt samplers (`buffer.sampling`) are built on it.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from buffer.types import new_uid
@@ -25,6 +25,13 @@ class PromptItem:
     n_samples: int
     group_id: str = field(default_factory=new_uid)
     start_version: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PromptItem":
+        return cls(**data)
 
 
 def check_rows(rows: Sequence[dict[str, Any]], split: str, prompt_key: str = "prompt") -> None:

@@ -1,29 +1,35 @@
-"""The launcher's bookkeeping as one pure class: what to start, what to resume, what to train.
+"""The orchestrator's bookkeeping as one pure class: what to start, what to resume, what to train.
 
-`trainer/launcher.py` only moves data between the Ray actors; every decision about
+`trainer/orchestrator.py` only moves data between the engines; every decision about
 groups is made here, so the property tests drive exactly the code a run uses:
 
-- admission: AReaL's rule (`StalenessManager`) on the trainer's version, or, with APRIL
-  over-provisioning, a fixed number of groups in flight per version. A group admitted at
-  version v generates only on weights of version >= v: the rollout worker holds it until
-  v's weights are on their way into the engine (`RolloutWorker.submit`), so admission
-  need not wait for the worker to acknowledge an update;
+- admission: AReaL's rule (`StalenessManager`), counted in samples, or, with APRIL
+  over-provisioning, a fixed number of samples in flight per version; a group starts
+  while there is room, however large it is (groups are never split). A group admitted at version v generates only on weights of version >= v: the
+  rollout worker holds it until v's weights are on their way into the engine
+  (`RolloutWorker.submit`), so admission need not wait for the worker to acknowledge an
+  update;
 - batches: `TrajectoryBuffer.get`, which schedules by deadline so no trained token is
   older than η. A group still generating at its deadline is a *straggler*: with
-  `stragglers="wait"` the trainer waits for it; with `"mask"` it does not, and the
+  `stragglers="wait"` the trainer waits for it; with `"proceed"` it does not, and the
   straggler's tokens older than η become context only (kept, not trained on) when it
   is consumed;
 - partial groups (APRIL): handed back unfinished, resumed first after the next weight
   sync, with tokens older than η masked out of the loss (they stay as context); or, with
   requests paused rather than aborted, held in the engine across the sync (`hold_running`);
-- the ledger, which must balance at every moment.
+- the ledger, which must balance at every moment. Every running group is remembered
+  with its prompt item and the rollout worker it went to, so a dead worker's groups can
+  be found and started again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from buffer.buffer import Ledger, StalenessManager, TrajectoryBuffer
+from buffer.prompts import PromptItem
 from buffer.types import Group
 
 
@@ -37,33 +43,44 @@ def mask_stale_tokens(group: Group, before_version: int) -> int:
     return masked
 
 
-class FilteredTooOftenError(RuntimeError):
-    """DAPO's dynamic sampling found nothing to learn from for too long."""
+STRAGGLER_POLICIES = ("wait", "proceed")
+RENAMED_STRAGGLER_POLICIES = {"mask": "proceed"}
 
 
-STRAGGLER_POLICIES = ("wait", "mask")
+@dataclass
+class RunningGroup:
+    """A group some rollout worker is generating (or holds for newer weights)."""
+
+    item: PromptItem
+    worker: int  # index of the rollout client it went to
+    start_version: int
+
+    @property
+    def samples(self) -> int:
+        return self.item.n_samples
 
 
 class RolloutScheduler:
-    def __init__(self, batch_groups: int, max_staleness: int, overprovision: float = 1.0,
-                 dynamic_sampling: bool = False, max_num_gen_batches: int = 10, stragglers: str = "wait") -> None:
+    def __init__(self, batch_groups: int, n_samples: int, max_staleness: int, overprovision: float = 1.0,
+                 stragglers: str = "wait") -> None:
         if stragglers not in STRAGGLER_POLICIES:
             raise ValueError(f"stragglers={stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         self.batch_groups = batch_groups
+        self.batch_size = batch_groups * n_samples  # samples per batch
         self.eta = max_staleness
         self.april = overprovision > 1
         # APRIL re-bases what it interrupts, so it never waits for a straggler either
-        self.mask_stragglers = self.april or stragglers == "mask"
-        self.in_flight_target = int(overprovision * batch_groups)
-        self.dynamic_sampling = dynamic_sampling
-        self.max_filtered = max_num_gen_batches * batch_groups
-        self.gate = StalenessManager(batch_groups, max_staleness)
+        self.proceed_past_stragglers = self.april or stragglers == "proceed"
+        self.in_flight_target = int(overprovision * self.batch_size)
+        self.gate = StalenessManager(self.batch_size, max_staleness)
         self.buffer = TrajectoryBuffer(max_staleness)
         self.ledger = Ledger()
-        self.running: dict[str, int] = {}  # group id -> start version, for groups generating
+        self.running: dict[str, RunningGroup] = {}
         self.partial_pool: list[Group] = []
-        self.was_partial: set[str] = set()
-        self.filtered_in_a_row = 0
+        self.was_partial: set[str] = set()  # ids of groups that crossed a version unfinished
+        self.samples_started = 0
+        self.samples_retired = 0  # of dropped and filtered groups: their slots are free again
+        self.samples_consumed = 0
         self.batch_taken = -1  # the last version a batch was handed out for
 
     def generation_open(self, version: int) -> bool:
@@ -73,10 +90,10 @@ class RolloutScheduler:
         return not self.april or self.batch_taken < version
 
     # -- what to generate ----------------------------------------------------------------
-    def partials_to_resume(self, version: int) -> tuple[list[Group], int]:
-        """Partial groups to resume now, on weights of `version` or newer (the worker holds
-        them until those weights are in), and the version before which their tokens leave
-        the loss."""
+    def partials_to_resume(self, version: int, worker: int = 0) -> tuple[list[Group], int]:
+        """Partial groups to resume now on `worker`, on weights of `version` or newer (the
+        worker holds them until those weights are in), and the version before which their
+        tokens leave the loss."""
         if not self.partial_pool or not self.generation_open(version):
             return [], 0
         mask_before = version - self.eta
@@ -84,69 +101,75 @@ class RolloutScheduler:
         for group in groups:
             self.ledger.masked_tokens += mask_stale_tokens(group, mask_before)
             group.start_version = max(group.start_version, mask_before)
-            self.running[group.group_id] = group.start_version
+            self.running[group.group_id] = RunningGroup(item_of(group), worker, group.start_version)
         self.ledger.resumed += len(groups)
         return groups, mask_before
 
     def capacity(self, version: int) -> int:
-        """How many new groups may start at the trainer's `version`."""
+        """Room for new samples at the trainer's `version`: groups may start while it is > 0."""
         if self.partial_pool:
             return 0  # partial groups go first
         if self.april:
             if not self.generation_open(version):
                 return 0
-            return max(0, self.in_flight_target - len(self.running) - len(self.buffer))
-        return self.gate.capacity(version, self.ledger.started - self.ledger.retired)
+            in_flight = sum(r.samples for r in self.running.values()) + self.buffer.num_samples
+            return max(0, self.in_flight_target - in_flight)
+        return self.gate.capacity(self.samples_started - self.samples_retired - self.samples_consumed)
 
-    def hold_running(self) -> int:
-        """APRIL with requests paused, not aborted, at the batch boundary: the groups still
-        generating stay in the engine and go on first on the next weights. They cross a
+    def hold_running(self, group_ids: Iterable[str]) -> int:
+        """APRIL with requests paused, not aborted, at the batch boundary: the groups the
+        worker says it holds in the engine go on first on the next weights. They cross a
         version as a partial group does, so they count as partial and resumed; their
-        tokens older than η leave the loss when consumed (`next_batch`)."""
-        held = list(self.running)
+        tokens older than η leave the loss when consumed (`next_batch`). Groups that had
+        finished generating (being scored, or not yet collected) are not held."""
+        held = [gid for gid in group_ids if gid in self.running]
         self.was_partial.update(held)
         self.ledger.partial += len(held)
         self.ledger.resumed += len(held)
         return len(held)
 
-    def started(self, group_ids: Iterable[str], start_version: int) -> None:
-        for group_id in group_ids:
-            self.running[group_id] = start_version
+    def started(self, items: Iterable[PromptItem], worker: int = 0) -> None:
+        """`items` went to rollout worker `worker`, admitted at their `start_version`."""
+        for item in items:
+            self.running[item.group_id] = RunningGroup(item, worker, item.start_version)
             self.ledger.started += 1
+            self.samples_started += item.n_samples
 
     # -- what came back ----------------------------------------------------------------
-    def absorb(self, groups: list[Group], dropped: list[str], partial: list[Group]) -> None:
-        """File what the worker handed over under the right state and count it."""
+    def absorb(self, groups: list[Group], dropped: list[str], partial: list[Group],
+               filtered: Iterable[str] = ()) -> None:
+        """File what a worker handed over under the right state and count it: finished
+        groups to train on, ids of groups dropped (reward policy or workflow), partial
+        groups, and ids of finished groups the prompt sampler filtered out."""
         for group in groups:
-            self.running.pop(group.group_id)
-            self.ledger.finished += 1
-            if self.dynamic_sampling and len(set(group.rewards)) == 1:
-                self.ledger.filtered += 1
-                self.filtered_in_a_row += 1
-                if self.filtered_in_a_row > self.max_filtered:
-                    raise FilteredTooOftenError(
-                        f"dynamic sampling filtered {self.filtered_in_a_row} groups in a row (every response "
-                        "in each scored the same): the task is too easy or too hard for this policy. Lower "
-                        "the difficulty, raise algorithm.max_num_gen_batches, or set algorithm.dynamic_sampling=false."
-                    )
-                continue
-            self.filtered_in_a_row = 0
+            self._finish(group.group_id)
             self.buffer.put(group)
+        for group_id in filtered:
+            self._retire(self._finish(group_id))
+            self.ledger.filtered += 1
         for group_id in dropped:
-            self.running.pop(group_id)
-            self.ledger.dropped_by_reward += 1
+            self._retire(self.running.pop(group_id))
+            self.ledger.dropped += 1
         for group in partial:
             self.running.pop(group.group_id)
             self.partial_pool.append(group)
             self.was_partial.add(group.group_id)
             self.ledger.partial += 1
 
+    def _finish(self, group_id: str) -> RunningGroup:
+        self.ledger.finished += 1
+        return self.running.pop(group_id)
+
+    def _retire(self, running: RunningGroup) -> None:
+        self.samples_retired += running.samples
+        self.was_partial.discard(running.item.group_id)
+
     # -- what to train ---------------------------------------------------------------
     def next_batch(self, version: int) -> list[Group] | None:
         """A batch for the trainer at `version`, or None to wait. Under APRIL the caller
         then interrupts everything still generating."""
-        binding: Iterable[int] = self.running.values()
-        if self.mask_stragglers:
+        binding: Iterable[tuple[int, int]] = [(r.start_version, r.samples) for r in self.running.values()]
+        if self.proceed_past_stragglers:
             # Running groups do not bind the schedule: whatever is consumed keeps its tokens
             # of the last η versions for training and its older ones as context only.
             binding = ()
@@ -155,9 +178,10 @@ class RolloutScheduler:
                 if group.start_version < floor:
                     self.ledger.masked_tokens += mask_stale_tokens(group, floor)
                     group.start_version = floor
-        batch = self.buffer.get(self.batch_groups, version, binding)
+        batch = self.buffer.get(self.batch_size, version, binding)
         if batch is not None:
             self.ledger.consumed += len(batch)
+            self.samples_consumed += sum(g.num_samples for g in batch)
             self.batch_taken = version
         return batch
 
@@ -173,3 +197,40 @@ class RolloutScheduler:
     def summary(self, cancelled: int) -> dict[str, int]:
         return {**self.ledger.as_dict(), "unfinished_at_exit": cancelled, "buffered_at_exit": len(self.buffer),
                 "partial_at_exit": len(self.partial_pool), "lost": self.lost(cancelled)}
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything above as plain data. Running groups are recorded by their prompt
+        items: the engines' work in flight is not part of it."""
+        return {
+            "ledger": self.ledger.as_dict(),
+            "running": {gid: {"item": r.item.to_dict(), "worker": r.worker, "start_version": r.start_version}
+                        for gid, r in self.running.items()},
+            "buffer": [g.to_dict() for g in self.buffer.groups()],
+            "partial_pool": [g.to_dict() for g in self.partial_pool],
+            "was_partial": sorted(self.was_partial),
+            "samples_started": self.samples_started,
+            "samples_retired": self.samples_retired,
+            "samples_consumed": self.samples_consumed,
+            "batch_taken": self.batch_taken,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger = Ledger(**state["ledger"])
+        self.running = {gid: RunningGroup(PromptItem.from_dict(r["item"]), r["worker"], r["start_version"])
+                        for gid, r in state["running"].items()}
+        self.buffer = TrajectoryBuffer(self.eta)
+        for group in state["buffer"]:
+            self.buffer.put(Group.from_dict(group))
+        self.partial_pool = [Group.from_dict(g) for g in state["partial_pool"]]
+        self.was_partial = set(state["was_partial"])
+        self.samples_started = state["samples_started"]
+        self.samples_retired = state["samples_retired"]
+        self.samples_consumed = state["samples_consumed"]
+        self.batch_taken = state["batch_taken"]
+
+
+def item_of(group: Group) -> PromptItem:
+    """The prompt item a group was started from (for a group handed back unfinished)."""
+    return PromptItem(prompt_id=group.prompt_id, prompt=group.prompt_text, row=group.row,
+                      n_samples=group.num_samples, group_id=group.group_id, start_version=group.start_version)

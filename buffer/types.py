@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -74,6 +74,17 @@ class Trajectory:
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (checkpoints); `from_dict` rebuilds it exactly."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["finish_reason"] = self.finish_reason.value if self.finish_reason else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Trajectory":
+        reason = data.get("finish_reason")
+        return cls(**{**data, "finish_reason": FinishReason(reason) if reason else None})
+
     @property
     def oldest_version(self) -> int | None:
         return min(self.versions) if self.versions else None
@@ -97,6 +108,21 @@ class Group:
     @property
     def rewards(self) -> list[float | None]:
         return [t.reward for t in self.trajectories]
+
+    @property
+    def num_samples(self) -> int:
+        """Responses in the group: the unit admission and batches count in."""
+        return len(self.trajectories)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "trajectories"}
+        out["trajectories"] = [t.to_dict() for t in self.trajectories]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Group":
+        trajs = [Trajectory.from_dict(t) for t in data["trajectories"]]
+        return cls(**{**data, "trajectories": trajs})
 
     @property
     def oldest_version(self) -> int | None:

@@ -7,8 +7,9 @@ generate tokens stamped with the worker's current version, finish in any order, 
 interrupted (APRIL), are consumed, and weights are updated and synced, the worker as
 many versions behind the trainer as the schedule makes it. Over at least 10,000 generated schedules
 no consumed trained token may be older than η and the ledger must balance after every
-event (10,000 with the default straggler policy, 3,000 more with `stragglers="mask"`,
-2,000 more with APRIL holding requests in the engine instead of aborting them).
+event (10,000 with the default straggler policy, 3,000 more with `stragglers="proceed"`,
+2,000 more with APRIL holding requests in the engine instead of aborting them). Groups
+differ in size, and admission counts samples.
 """
 
 from __future__ import annotations
@@ -19,19 +20,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buffer.scheduler import FilteredTooOftenError, RolloutScheduler, mask_stale_tokens
+from buffer.prompts import PromptItem
+from buffer.sampling import DapoFilter
+from buffer.scheduler import RolloutScheduler, mask_stale_tokens
 from buffer.types import FinishReason, Group, Trajectory
 
 EVENTS = ("admit", "token", "finish", "interrupt", "consume", "sync")
 
 
+class PassThrough:
+    def observe(self, groups):
+        return groups
+
+
 class Sim:
     def __init__(self, batch_groups: int, eta: int, overprovision: float = 1.0, samples: int = 2,
-                 dynamic_sampling: bool = False, stragglers: str = "wait", hold: bool = False) -> None:
-        self.sched = RolloutScheduler(batch_groups, eta, overprovision, dynamic_sampling, max_num_gen_batches=1000,
-                                      stragglers=stragglers)
+                 dynamic_sampling: bool = False, stragglers: str = "wait", hold: bool = False,
+                 sizes: tuple[int, ...] | None = None) -> None:
+        self.sched = RolloutScheduler(batch_groups, samples, eta, overprovision, stragglers=stragglers)
+        self.filter = DapoFilter(PassThrough(), max_filtered=10**6) if dynamic_sampling else None
         self.eta = eta
         self.samples = samples
+        self.sizes = sizes or (samples,)  # group sizes drawn in turn (admission counts samples)
         self.version = 0  # trainer
         self.synced = 0  # worker
         self.live: dict[str, Group] = {}  # on the worker: generating, or held for newer weights
@@ -49,17 +59,19 @@ class Sim:
                     t.finish_reason = None
             self.live[group.group_id] = group
             self.not_before[group.group_id] = self.version
-        capacity = self.sched.capacity(self.version)
-        ids = []
-        for _ in range(capacity):
+        room = self.sched.capacity(self.version)
+        items = []
+        while room > 0:
+            size = self.sizes[self.next_id % len(self.sizes)]
             gid = f"{self.next_id:08x}"
             self.next_id += 1
+            room -= size
             g = Group(group_id=gid, prompt_id=gid, prompt_text="", row={}, start_version=self.version)
-            g.trajectories = [Trajectory(prompt_id=gid, group_id=gid, prompt_ids=[1]) for _ in range(self.samples)]
+            g.trajectories = [Trajectory(prompt_id=gid, group_id=gid, prompt_ids=[1]) for _ in range(size)]
             self.live[gid] = g
             self.not_before[gid] = self.version
-            ids.append(gid)
-        self.sched.started(ids, self.version)
+            items.append(PromptItem(gid, "", {}, size, group_id=gid, start_version=self.version))
+        self.sched.started(items)
 
     def generating(self) -> list[str]:
         """Groups the worker lets generate: those whose weights it has."""
@@ -83,7 +95,8 @@ class Sim:
                 t.append_tokens([1], [-0.1], self.synced)
                 t.finish_reason = FinishReason.STOP
             t.reward = float(rng.random() < 0.5)
-        self.sched.absorb([g], [], [])
+        kept = self.filter.observe([g]) if self.filter else [g]
+        self.sched.absorb(kept, [], [], [] if kept else [gid])
 
     def interrupt(self, rng: random.Random) -> None:
         """APRIL's abort after a batch: most in-flight groups come back partial; a few
@@ -108,7 +121,7 @@ class Sim:
                 self.consumed_ages += [self.version - v for v, m in zip(t.versions, t.loss_mask) if m]
         if self.sched.april:
             if self.hold:
-                assert self.sched.hold_running() == len(self.live)
+                assert self.sched.hold_running(sorted(self.live)) == len(self.live)
             else:
                 self.interrupt(rng)
         self.version += 1
@@ -166,17 +179,28 @@ def test_april_with_requests_held_in_the_engine_never_trains_a_stale_token(event
 
 @settings(max_examples=3000, deadline=None)
 @given(events=schedules, batch_groups=st.integers(1, 4), eta=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_masking_stragglers_never_trains_a_stale_token(events, batch_groups, eta, seed):
-    Sim(batch_groups, eta, stragglers="mask").play(events, seed)
+def test_proceeding_past_stragglers_never_trains_a_stale_token(events, batch_groups, eta, seed):
+    Sim(batch_groups, eta, stragglers="proceed").play(events, seed)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(events=schedules, batch_groups=st.integers(1, 4), eta=st.integers(0, 3), seed=st.integers(0, 2**16),
+       sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4), stragglers=st.sampled_from(["wait", "proceed"]))
+def test_groups_of_different_sizes_never_train_a_stale_token(events, batch_groups, eta, seed, sizes, stragglers):
+    """Admission counts samples: groups of 1 to 6 samples against a batch of B x 3."""
+    sim = Sim(batch_groups, eta, samples=3, sizes=tuple(sizes), stragglers=stragglers)
+    sim.play(events, seed)
+    in_flight = sim.sched.samples_started - sim.sched.samples_retired - sim.sched.samples_consumed
+    assert in_flight < (eta + 1) * batch_groups * 3 + max(sizes)  # overshoot: less than one group
 
 
 @settings(max_examples=1000, deadline=None)
 @given(events=schedules, batch_groups=st.integers(1, 4), seed=st.integers(0, 2**16),
        dynamic_sampling=st.booleans())
-def test_at_eta_zero_masking_stragglers_is_waiting_for_them(events, batch_groups, seed, dynamic_sampling):
+def test_at_eta_zero_proceeding_past_stragglers_is_waiting_for_them(events, batch_groups, seed, dynamic_sampling):
     """Synchronous training has no stragglers to skip: admission starts one batch of groups
     per version, so the batch fills only when every one of them has finished."""
-    runs = [Sim(batch_groups, 0, dynamic_sampling=dynamic_sampling, stragglers=policy) for policy in ("wait", "mask")]
+    runs = [Sim(batch_groups, 0, dynamic_sampling=dynamic_sampling, stragglers=policy) for policy in ("wait", "proceed")]
     for sim in runs:
         sim.play(events, seed)
     wait, mask = runs
@@ -186,11 +210,13 @@ def test_at_eta_zero_masking_stragglers_is_waiting_for_them(events, batch_groups
 
 @pytest.mark.parametrize("eta,overprovision,stragglers", [
     (0, 1.0, "wait"), (1, 1.0, "wait"), (2, 1.0, "wait"), (1, 2.0, "wait"), (2, 2.0, "wait"),
-    (1, 1.0, "mask"), (2, 1.0, "mask")])
-def test_fair_schedules_make_progress(eta, overprovision, stragglers):
-    """Liveness: with every kind of event happening, training keeps advancing."""
+    (1, 1.0, "proceed"), (2, 1.0, "proceed")])
+@pytest.mark.parametrize("sizes", [None, (1, 3, 5)])
+def test_fair_schedules_make_progress(eta, overprovision, stragglers, sizes):
+    """Liveness: with every kind of event happening, training keeps advancing (groups of
+    equal size, and of sizes 1, 3 and 5 against batches of 3 x 2 samples)."""
     rng = random.Random(eta * 10 + int(overprovision))
-    sim = Sim(batch_groups=3, eta=eta, overprovision=overprovision, stragglers=stragglers)
+    sim = Sim(batch_groups=3, eta=eta, overprovision=overprovision, stragglers=stragglers, sizes=sizes)
     events = [rng.choice(EVENTS) for _ in range(4000)]
     sim.play(events, seed=1)
     assert sim.version >= 20
@@ -220,8 +246,8 @@ def test_waiting_for_a_straggler_holds_the_trainer_at_its_deadline():
     assert sim.sched.next_batch(1) is None  # ... and at version 1 the straggler is due: wait
 
 
-def test_a_masked_straggler_does_not_hold_the_trainer_and_loses_no_token():
-    sim, straggler = _straggler_scenario("mask")
+def test_proceeding_past_a_straggler_does_not_hold_the_trainer_and_loses_no_token():
+    sim, straggler = _straggler_scenario("proceed")
     assert sim.sched.next_batch(0) is not None
     for version in (1, 2):  # training goes on past the straggler's deadline
         sim.version = sim.synced = version
@@ -258,23 +284,3 @@ def test_resumed_partial_tokens_beyond_eta_are_masked_not_dropped():
     g.trajectories = [t]
     assert mask_stale_tokens(g, before_version=4) == 2
     assert t.response_ids == [5, 6, 7] and t.loss_mask == [0, 0, 1]
-
-
-def test_dynamic_sampling_filters_zero_variance_groups_and_gives_up_clearly():
-    sched = RolloutScheduler(batch_groups=1, max_staleness=1, dynamic_sampling=True, max_num_gen_batches=2)
-
-    def finished(gid, rewards):
-        g = Group(group_id=gid, prompt_id=gid, prompt_text="", row={})
-        for r in rewards:
-            t = Trajectory(prompt_id=gid, group_id=gid, prompt_ids=[1])
-            t.append_tokens([1], [-0.1], 0)
-            t.reward, t.finish_reason = r, FinishReason.STOP
-            g.trajectories.append(t)
-        return g
-
-    sched.started(["a", "b", "c", "d", "e"], 0)
-    sched.absorb([finished("a", [1.0, 1.0]), finished("b", [0.0, 1.0])], [], [])
-    assert sched.ledger.filtered == 1 and len(sched.buffer) == 1 and sched.lost() == 0
-    sched.absorb([finished("c", [0.0, 0.0]), finished("d", [1.0, 1.0])], [], [])
-    with pytest.raises(FilteredTooOftenError, match="dynamic sampling filtered 3 groups in a row"):
-        sched.absorb([finished("e", [1.0, 1.0])], [], [])
