@@ -30,27 +30,29 @@ WEIGHT_LOADERS = ("live", "inplace", "reload")
 
 @dataclass
 class EngineConfig:
-    """vLLM engine arguments Grove sets; see shared/reference/platform-vllm-cpu.md."""
+    """vLLM engine arguments Grove sets; see shared/reference/platform-vllm-cpu.md. What
+    differs between a CPU box and GPUs (core pinning, dtype, eager mode) is set by the
+    platform profile (`configs/cluster/`), not here."""
 
     kv_cache_mb: int = 64  # always explicit: vLLM-CPU otherwise reserves most of RAM
     max_model_len: int = 64
     block_size: int = 32  # prefix caching reuses whole blocks only
-    enforce_eager: bool = True  # compiled mode is no faster on CPU (and there "live" loads as "inplace")
+    enforce_eager: bool = False  # false: vLLM compiles the model (on CPU "live" weights then load as "inplace")
     multiprocess: bool = True  # engine core in its own process: slower start, faster steps
     # Where the model runs: "uniproc" inside the engine-core process; "mp" in a worker
-    # process of its own (vLLM-CPU's default; needed for tensor_parallel_size > 1); "ray".
-    # With one core for the whole engine, mp's scheduler and worker spin-wait on each
-    # other through shared memory every step (docs/benchmarks.md: +10-15 % tokens/s in-core).
+    # process of its own (needed for tensor_parallel_size > 1); "ray". With one core for
+    # the whole engine, mp's scheduler and worker would spin-wait on each other through
+    # shared memory every step.
     executor: str = "uniproc"
-    cpu_cores: Optional[str] = "0"  # VLLM_CPU_OMP_THREADS_BIND; null = vLLM's default
-    dtype: str = "float32"
+    cpu_cores: Optional[str] = None  # VLLM_CPU_OMP_THREADS_BIND; null = vLLM's default (no pinning)
+    dtype: str = "auto"
     enable_prefix_caching: bool = True
     seed: int = 0
     # How a weight update reaches the model (rollout/weight_sync.py): "live" writes into
     # weights kept as plain tensors (on CPU, multiplied by torch's GEMM instead of vLLM's
-    # kernels packed at load time; ~2 ms per update on the built-in model), "inplace" loads
-    # and repacks (~5 ms), "reload" is vLLM's reload_weights, for any model (~10 ms). live
-    # and inplace cover unquantized dense models and fall back to reload for others.
+    # kernels packed at load time), "inplace" loads and repacks, "reload" is vLLM's
+    # reload_weights, for any model. live and inplace cover unquantized dense models and
+    # fall back to reload for others. docs/benchmarks.md has their costs.
     weight_loader: str = "live"
     extra_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field
 

@@ -60,9 +60,9 @@ def quantized_layers(model) -> list:
 class InPlaceLoader:
     """Checkpoint-format weights into the live model, without vLLM's layerwise reload.
 
-    `reload_weights` handles any layer (quantized, MoE, padded) and takes ~10 ms per load
-    on the built-in model, four fifths of it Python bookkeeping; Grove loads after every
-    optimizer step, while the rollout waits. For unquantized dense layers a load is just
+    `reload_weights` handles any layer (quantized, MoE, padded), at the price of much
+    Python bookkeeping per load; Grove loads after every optimizer step, while the rollout
+    waits. For unquantized dense layers a load is just
     the model's own `load_weights` (which fuses q/k/v and gate/up) followed by each
     layer's `process_weights_after_loading` (on CPU: repacking into oneDNN handles).
     CPU linear layers keep only the packed handle, so each gets a full-size staging
@@ -133,9 +133,8 @@ class InPlaceLoader:
 class LiveLoader(InPlaceLoader):
     """On CPU: linear layers multiply by their weights as plain tensors, through torch's
     GEMM, instead of through kernels packed from them at load time; a load writes into
-    those tensors in place. No staging and no repack: on the built-in model an update holds
-    the engine half as long as `InPlaceLoader`'s, and decoding is as fast (docs/benchmarks.md).
-    vLLM's packed CPU kernels pay off for larger projections than the built-in model has,
+    those tensors in place. No staging and no repack, so an update holds the engine for
+    less time than `InPlaceLoader`'s. vLLM's packed CPU kernels pay off for larger projections than the built-in model has,
     so a large model on CPU may decode faster with "inplace". The first load turns the
     model's packed layers back into plain ones (staging as InPlaceLoader does); elsewhere
     than on CPU layers are never packed and this is InPlaceLoader."""
@@ -243,10 +242,8 @@ class GroveWorkerExtension:
 
     def grove_go_live(self, model_path: str) -> bool:
         """On CPU, turn the layers vLLM packed at start-up into live ones now, with the
-        checkpoint's own weights, instead of at the first update: on the built-in model the
-        packed form decoded a fresh engine's first 240 groups at 520-580 trajectories/s
-        against 660-730 live (docs/benchmarks.md), and a run's first version decodes on it.
-        False where there is nothing to do (not CPU, no safetensors, a model LiveLoader
+        checkpoint's own weights, instead of at the first update, so a run's first version
+        decodes in the same form as every later one. False where there is nothing to do (not CPU, no safetensors, a model LiveLoader
         does not handle, a compiled model)."""
         from pathlib import Path
 

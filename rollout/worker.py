@@ -1,21 +1,22 @@
-"""The rollout worker: prompts in, scored groups out, weights swapped underneath.
+"""The rollout worker: prompt items in, scored groups out, weights swapped underneath.
 
-The launcher decides *which* prompts to roll out and *when* (admission control lives
-with the buffer); the worker only generates. Each prompt becomes a group of n
-independent requests to the engine. Every output token is stamped with the policy
-version that sampled it, from the engine's own weight labels, so the stamps are exact
-even for a request that runs across an update. A weight update, by `rollout.on_update`:
+The orchestrator decides *which* prompts to roll out and *when* (admission control lives
+with the scheduler); the worker only generates. Each prompt item becomes one episode of
+the configured `RolloutWorkflow` (rollout/workflow.py; by default n independent
+requests to the engine). Every output token is stamped with the policy version that
+sampled it, from the engine's own weight labels, so the stamps are exact even for a
+request that runs across an update. A weight update, by `rollout.on_update`:
 
 - `wait`: closes the gate for new requests and lets the running ones finish on the old
   weights, then loads the new ones;
 - `interrupt`: running requests continue on the new weights with the tokens, logprobs
   and versions they have, and the remaining token budget. `rollout.interrupt_by` says how:
   `pause` (default) keeps them in the engine while the weights load between two of its
-  steps (`VLLMEngine.aswap_weights`), so they go on over the context already cached; `abort` ends them and resubmits prompt + partial
-  response, so the context is re-prefilled on the new weights (one prefill per request
-  per update);
-- `mask`: as interrupt, but a response's tokens older than its newest ones leave the
-  loss (kept as context).
+  steps (`VLLMEngine.aswap_weights`), so they go on over the context already cached;
+  `abort` ends them and resubmits prompt + partial response, so the context is
+  re-prefilled on the new weights (one prefill per request per update);
+- `interrupt_newest`: as interrupt, but a response's tokens older than its newest ones
+  leave the loss (kept as context).
 
 `interrupt_groups` (APRIL, at each batch boundary) stops everything in flight, again by
 `rollout.interrupt_by`: `pause` holds the requests in the engine, and the next weight
@@ -32,15 +33,18 @@ import asyncio
 import gc
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 
 from buffer.prompts import PromptItem
+from buffer.scheduler import item_of
 from buffer.types import FinishReason, Group, Trajectory
 from rewards.runner import RewardConfig, RewardRequest, RewardRunner
+from rollout.clock import BusyClock
 from rollout.engine import EngineConfig, VLLMEngine
+from rollout.workflow import build_workflow
 
-ON_UPDATE_MODES = ("wait", "interrupt", "mask")
+ON_UPDATE_MODES = ("wait", "interrupt", "interrupt_newest")
+RENAMED_ON_UPDATE_MODES = {"mask": "interrupt_newest"}
 INTERRUPT_BY = ("pause", "abort")
 
 
@@ -53,13 +57,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     eval_max_tokens: int = 8
-    on_update: str = "interrupt"  # wait | interrupt | mask (see the module docstring)
+    on_update: str = "interrupt"  # wait | interrupt | interrupt_newest (see the module docstring)
     interrupt_by: str = "pause"  # pause: keep requests in the engine | abort: resubmit, re-prefill
     overprovision: float = 1.0  # APRIL: keep this many batches' worth of groups in flight (1 = off)
-    # A long-tail length mix for benchmarks and stress tests: this fraction of the prompts
-    # must be answered with at least `long_tail_min_tokens` tokens (EOS is ignored until then).
-    long_tail_fraction: float = 0.0
-    long_tail_min_tokens: int = 0
+    workflow: str = "group"  # how a prompt becomes a group: a registered name or a dotted path
+    workflow_kwargs: dict = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -69,26 +71,65 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 < self.temperature:
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"rollout.top_p={self.top_p}: with top-p sampling the engine's behaviour logprobs are those of the "
+                "truncated, renormalised distribution, while the trainer scores tokens under the full softmax, so "
+                "every importance weight and the decoupled-PPO correction would be biased. Grove refuses the "
+                "combination: set rollout.top_p=1.0 (temperature still shapes the distribution exactly)."
+            )
+        if self.on_update in RENAMED_ON_UPDATE_MODES:
+            raise ValueError(f"rollout.on_update={self.on_update!r} was renamed: set "
+                             f"rollout.on_update={RENAMED_ON_UPDATE_MODES[self.on_update]}")
         if self.on_update not in ON_UPDATE_MODES:
             raise ValueError(f"rollout.on_update={self.on_update!r} is not one of {list(ON_UPDATE_MODES)}")
         if self.interrupt_by not in INTERRUPT_BY:
             raise ValueError(f"rollout.interrupt_by={self.interrupt_by!r} is not one of {list(INTERRUPT_BY)}")
-        if not 0.0 <= self.long_tail_fraction <= 1.0:
-            raise ValueError(f"rollout.long_tail_fraction must be in [0, 1], got {self.long_tail_fraction}")
-        if self.long_tail_min_tokens > self.max_tokens:
-            raise ValueError(f"rollout.long_tail_min_tokens={self.long_tail_min_tokens} exceeds "
-                             f"rollout.max_tokens={self.max_tokens}")
         if self.overprovision < 1.0:
             raise ValueError(f"rollout.overprovision must be >= 1 (1 = no over-provisioning), got {self.overprovision}")
 
 
 @dataclass
 class Collected:
-    """What `collect` hands the launcher."""
+    """What `collect` hands the orchestrator."""
 
     groups: list[Group]  # finished and scored
-    dropped: list[str]  # ids of groups a reward failure policy dropped
+    dropped: list[str]  # ids of groups a reward failure policy dropped or the workflow rejected
     partial: list[Group]  # interrupted by `interrupt_groups`, to resume later
+
+
+class Episode:
+    """One prompt item's run through the workflow: the `EpisodeContext` the worker gives
+    it (rollout/workflow.py). It carries what the episode was admitted with: the weights
+    it may generate on (`not_before`) and the APRIL interrupt count it started under."""
+
+    def __init__(self, worker: "RolloutWorker", item: PromptItem, partial: Group | None, not_before: int) -> None:
+        self.worker = worker
+        self.tokenizer = worker.tokenizer
+        self.item = item
+        self.partial = partial
+        self.not_before = not_before
+        self.interrupts = worker._interrupts  # an APRIL interrupt after this hands the group back
+        self.scored: bool | None = None  # the keep flag of `ascore`, once called
+
+    def new_group(self, item: PromptItem) -> Group:
+        group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
+                      row=item.row, start_version=item.start_version)
+        prompt_ids = self.tokenizer.encode(item.prompt)
+        group.trajectories = [Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids))
+                              for _ in range(item.n_samples)]
+        return group
+
+    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *,
+                        min_tokens: int = 0, temperature: float | None = None) -> Trajectory:
+        cfg = self.worker.cfg
+        return await self.worker._sample(traj, max_tokens or cfg.max_tokens,
+                                         cfg.temperature if temperature is None else temperature,
+                                         min_tokens, self.interrupts, self.not_before)
+
+    async def ascore(self, group: Group) -> bool:
+        self.scored = await self.worker._score(group)
+        return self.scored
 
 
 class RolloutWorker:
@@ -97,7 +138,7 @@ class RolloutWorker:
         self.model_path = model_path
         self.cfg = rollout
         self.reward_cfg = reward
-        self.reward_cwd = reward_cwd  # where relative reward paths resolve: the launch directory
+        self.reward_cwd = reward_cwd  # where relative reward and workflow paths resolve: the launch directory
         if engine is None and rollout.engine.cpu_cores is not None:
             # the whole rollout stack (this actor, vLLM's engine-core and worker processes,
             # the reward workers) inherits the engine's core, as the trainer keeps to its own
@@ -105,12 +146,13 @@ class RolloutWorker:
             for tid in os.listdir("/proc/self/task"):  # every thread; threads and processes started later inherit
                 os.sched_setaffinity(int(tid), cores)
         self.engine = engine or VLLMEngine(model_path, rollout.engine)  # tests share one engine
+        self.workflow = build_workflow(rollout.workflow, dict(rollout.workflow_kwargs), reward_cwd)
         self.version = 0  # the weights every request sent to the engine from now on runs on
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, str] = {}  # episode task -> its group id
         self._finished: list[Group] = []
         self._dropped: list[str] = []
         self._partial: list[Group] = []
-        self._active: dict[str, str | None] = {}  # running request id -> abort reason
+        self._active: dict[str, tuple[str, str | None]] = {}  # running request id -> (group id, abort reason)
         self._interrupts = 0  # bumped by interrupt_groups; groups started before it hand back
         self._error: BaseException | None = None
         self._stopped = False
@@ -118,12 +160,8 @@ class RolloutWorker:
             ("groups_started", "groups_finished", "groups_dropped", "groups_cancelled", "groups_partial",
              "groups_resumed", "samples_interrupted", "prefix_cache_kept"), 0)
         self._tokens_generated = 0
-        self._busy_since: float | None = None
-        self._busy_seconds = 0.0
-        self._request_seconds = 0.0  # Σ over time of requests generating: their mean is the engine's concurrency
+        self.clock = BusyClock()
         self._paused = False  # requests held in the engine (a weight load, or an APRIL batch boundary)
-        self._held = False  # ... and the engine has stopped: the clocks of busy and request time stop
-        self._active_since = time.perf_counter()
         self._created = time.perf_counter()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -145,17 +183,16 @@ class RolloutWorker:
         # The first request with logprobs compiles a sampler kernel; pay for it now.
         start = time.perf_counter()
         await self.engine.agenerate(self.tokenizer.encode("1+1="), max_tokens=2)
-        # Generation allocates many small objects; the default collector then keeps
-        # re-scanning the whole heap of vLLM, torch and transformers modules. Freezing what
-        # start-up built and collecting less often gave the rollout-only path 15-25 % more
-        # trajectories/s on the built-in model (see docs/benchmarks.md).
+        # Generation allocates many small objects, and the default collector would keep
+        # re-scanning the whole heap of vLLM, torch and transformers modules on the rollout
+        # core: freeze what start-up built and collect less often.
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         return {"engine_start_s": seconds, "first_request_s": time.perf_counter() - start}
 
     async def stop_generation(self) -> int:
-        """Cancel every in-flight group (their requests are aborted); returns how many."""
+        """Cancel every in-flight episode (their requests are aborted); returns how many."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -171,18 +208,11 @@ class RolloutWorker:
 
     # -- generation ------------------------------------------------------------------
     async def submit(self, items: list[PromptItem]) -> int:
-        """Start generating one group per item; returns immediately. A group generates
-        only on weights of its `start_version` or newer: one admitted for a version whose
+        """Start one episode per item; returns immediately. An episode generates only on
+        weights of its item's `start_version` or newer: one admitted for a version whose
         update has not reached this worker yet waits for it here (see `_weights_sent`)."""
         for item in items:
-            group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
-                          row=item.row, start_version=item.start_version)
-            prompt_ids = self.tokenizer.encode(item.prompt)
-            group.trajectories = [
-                Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids))
-                for _ in range(item.n_samples)
-            ]
-            self._spawn(group, not_before=item.start_version)
+            self._spawn(item, None, item.start_version)
             self.counts["groups_started"] += 1
         return len(items)
 
@@ -190,20 +220,23 @@ class RolloutWorker:
         """Continue partial groups where they stopped (their stale tokens were already
         masked by the scheduler), on weights of version `not_before` or newer."""
         for group in groups:
-            self._spawn(group, not_before)
+            self._spawn(item_of(group), group, not_before)
             self.counts["groups_resumed"] += 1
         return len(groups)
 
-    async def interrupt_groups(self) -> int:
+    async def interrupt_groups(self) -> list[str]:
         """APRIL: stop everything in flight until the next weight update. With
         interrupt_by=pause the requests wait in the engine and that update resumes them;
         with abort the unfinished groups come back through `collect` as partial groups,
-        including samples waiting to start a segment. Returns the number of requests."""
+        including samples waiting to start a segment. Returns the ids of the groups whose
+        requests were stopped."""
+        groups = sorted({group_id for group_id, _ in self._active.values()})
         if self.cfg.interrupt_by == "pause":
             await self._pause()
-            return len(self._active)
+            return groups
         self._interrupts += 1
-        return await self._abort_active("partial")
+        await self._abort_active("partial")
+        return groups
 
     async def _pause(self) -> None:
         """Hold every request in the engine; the time held counts as idle, not busy.
@@ -213,68 +246,49 @@ class RolloutWorker:
             return
         self._paused = True  # before the await: a concurrent call must see it
         await self.engine.apause()  # returns when the engine's current step is done
-        self._stop_clocks(time.perf_counter())
+        self.clock.hold(time.perf_counter())
 
-    async def _resume(self) -> None:
-        if not self._paused:
-            return
-        await self.engine.aresume()
-        self._restart_clocks()
-
-    def _stop_clocks(self, held_since: float) -> None:
-        """The engine has been held since `held_since`: busy and request time stop there."""
-        self._count_request_time(until=held_since)
-        self._held = True
-        if self._busy_since is not None:
-            self._busy_seconds += max(0.0, held_since - self._busy_since)
-            self._busy_since = None
-
-    def _restart_clocks(self) -> None:
-        self._count_request_time()
-        self._held = self._paused = False
-        if self._active and self._busy_since is None:
-            self._busy_since = time.perf_counter()
-
-    def _spawn(self, group: Group, not_before: int) -> None:
-        task = asyncio.create_task(self._run_group(group, not_before))
-        self._tasks.add(task)
+    def _spawn(self, item: PromptItem, partial: Group | None, not_before: int) -> None:
+        task = asyncio.create_task(self._run_episode(item, partial, not_before))
+        self._tasks[task] = item.group_id
         task.add_done_callback(self._on_task_done)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if task.cancelled():
             self.counts["groups_cancelled"] += 1
         elif task.exception() is not None and self._error is None:
             self._error = task.exception()
             self._changed.set()
 
-    def _min_tokens(self, group: Group) -> int:
-        """Long-tail prompts, picked by a hash of the prompt id: the same prompts are long in
-        every run and every mode, and a resumed group keeps its length."""
-        if not self.cfg.long_tail_fraction:
-            return 0
-        draw = zlib.crc32(group.prompt_id.encode()) / 2**32
-        return self.cfg.long_tail_min_tokens if draw < self.cfg.long_tail_fraction else 0
-
-    async def _run_group(self, group: Group, not_before: int) -> None:
-        min_tokens = self._min_tokens(group)
-        interrupts = self._interrupts  # (an APRIL interrupt while held hands the group back)
+    async def _run_episode(self, item: PromptItem, partial: Group | None, not_before: int) -> None:
         while self.version < not_before:
             await self._new_weights.wait()
-        group.trajectories = list(await asyncio.gather(
-            *(self._sample(t, self.cfg.max_tokens, self.cfg.temperature, min_tokens, interrupts, not_before)
-              for t in group.trajectories)))
-        if any(t.finish_reason is FinishReason.ABORTED for t in group.trajectories):
+        episode = Episode(self, item, partial, not_before)
+        group = await self.workflow.arun_episode(episode, item)
+        name = type(self.workflow).__name__
+        if group is None or episode.scored is False:
+            self._dropped.append(item.group_id)
+            self.counts["groups_dropped"] += 1
+        elif group.group_id != item.group_id:
+            raise RuntimeError(f"workflow {name} returned group {group.group_id!r} for item {item.group_id!r}")
+        elif group.is_finished:
+            if episode.scored is None:
+                raise RuntimeError(f"workflow {name} returned finished group {group.group_id} without scoring it "
+                                   "(await ctx.ascore(group) before returning it)")
+            self._finished.append(group)
+            self.counts["groups_finished"] += 1
+        elif any(t.finish_reason is FinishReason.ABORTED for t in group.trajectories):
             self._partial.append(group)
             self.counts["groups_partial"] += 1
-            self._changed.set()
-            return
-        await self._score(group)
+        else:
+            raise RuntimeError(f"workflow {name} returned group {group.group_id} neither finished nor interrupted")
+        self._changed.set()
 
     async def _abort_active(self, reason: str) -> int:
         ids = list(self._active)
         for request_id in ids:
-            self._active[request_id] = reason
+            self._active[request_id] = (self._active[request_id][0], reason)
         if ids:
             await self.engine.abort(ids)
         return len(ids)
@@ -296,7 +310,7 @@ class RolloutWorker:
                 traj.finish_reason = FinishReason.ABORTED  # handed back partial (APRIL)
                 break
             request_id = self.engine.new_request_id()
-            self._mark_active(request_id)
+            self._mark_active(request_id, traj.group_id)
             segment_start, segment_version = traj.num_response_tokens, self.version
             try:
                 segment = await self.engine.agenerate(
@@ -317,7 +331,7 @@ class RolloutWorker:
                 self.counts["samples_interrupted"] += 1
                 continue  # resume on the new weights once the gate reopens
             traj.finish_reason = finish
-        if self.cfg.on_update == "mask" and traj.versions:
+        if self.cfg.on_update == "interrupt_newest" and traj.versions:
             newest = traj.versions[-1]
             traj.loss_mask = [0 if v < newest else m for v, m in zip(traj.versions, traj.loss_mask)]
         return traj
@@ -336,28 +350,17 @@ class RolloutWorker:
                                f"for {len(versions)}")
         traj.versions[start:] = versions
 
-    def _count_request_time(self, until: float | None = None) -> None:
-        now = time.perf_counter() if until is None else max(until, self._active_since)
-        if not self._held:
-            self._request_seconds += len(self._active) * (now - self._active_since)
-        self._active_since = now
-
-    def _mark_active(self, request_id: str) -> None:
-        self._count_request_time()
+    def _mark_active(self, request_id: str, group_id: str) -> None:
         if not self._active:
             self._idle.clear()
-            if not self._held:
-                self._busy_since = time.perf_counter()
-        self._active[request_id] = None
+        self._active[request_id] = (group_id, None)
+        self.clock.request_started()
 
     def _mark_inactive(self, request_id: str) -> str | None:
-        self._count_request_time()
-        reason = self._active.pop(request_id, None)
+        _, reason = self._active.pop(request_id, ("", None))
+        self.clock.request_ended()
         if not self._active:
             self._idle.set()
-            if self._busy_since is not None:
-                self._busy_seconds += time.perf_counter() - self._busy_since
-                self._busy_since = None
         return reason
 
     def _requests(self, group: Group) -> list[RewardRequest]:
@@ -373,19 +376,13 @@ class RolloutWorker:
             for t in group.trajectories
         ]
 
-    async def _score(self, group: Group) -> None:
+    async def _score(self, group: Group) -> bool:
         scored, keep = await self.rewards.ascore_group(self._requests(group))
         for traj, result in zip(group.trajectories, scored):
             traj.reward = result.score
             traj.reward_info = dict(result.info)
             traj.reward_failure = result.failure
-        if keep:
-            self._finished.append(group)
-            self.counts["groups_finished"] += 1
-        else:
-            self._dropped.append(group.group_id)
-            self.counts["groups_dropped"] += 1
-        self._changed.set()
+        return keep
 
     async def collect(self, min_groups: int = 0, timeout_s: float = 0.0) -> Collected:
         """Hand over finished, dropped and partial groups; wait up to `timeout_s` until
@@ -408,16 +405,30 @@ class RolloutWorker:
         return out
 
     # -- weights ---------------------------------------------------------------------
-    async def update_weights(self, payload: bytes, version: int) -> dict:
+    async def update_weights(self, payload: bytes | None, version: int) -> dict:
         """Load the trainer's weights for `version` (see the module docstring for what
-        happens to requests in flight). Returns the load's timings and, under "stats",
-        `stats()` as of its end, so the launcher logs a step without another call."""
+        happens to requests in flight); `payload=None` (a step the trainer skipped) only
+        relabels the weights in place as `version`. Returns the load's timings and, under
+        "stats", `stats()` as of its end, so the orchestrator logs a step without another call."""
         async with self._update_lock:
+            if version <= self.version:
+                raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
+            if payload is None:
+                return await self._relabel(version)
             return await self._update_weights(payload, version)
 
+    async def _relabel(self, version: int) -> dict:
+        start = time.perf_counter()
+        await self.engine.alabel(version)
+        self._weights_sent(version)
+        if self._paused:  # an APRIL batch boundary: the held requests go on
+            await self.engine.aresume()
+            self._paused = False
+            self.clock.release()
+        return {"weight_sync_apply_s": time.perf_counter() - start, "weight_sync_drain_s": 0.0,
+                "weight_sync_load_s": 0.0, "weight_bytes": 0, "requests_interrupted": 0, "stats": self.stats()}
+
     async def _update_weights(self, payload: bytes, version: int) -> dict:
-        if version <= self.version:
-            raise ValueError(f"weight update to version {version}, but worker already at {self.version}")
         start = time.perf_counter()
         if self._paused or (self.cfg.on_update != "wait" and self.cfg.interrupt_by == "pause"):
             # requests stay in the engine with their cache (held there by an APRIL batch
@@ -432,8 +443,9 @@ class RolloutWorker:
                                                           on_sent=lambda: self._weights_sent(version))
             finally:
                 if not held_already and drained is not None:
-                    self._stop_clocks(drained)
-                self._restart_clocks()
+                    self.clock.hold(drained)
+                self._paused = False
+                self.clock.release()
             drained = drained or start
             self.counts["prefix_cache_kept"] += 1
         else:
@@ -487,16 +499,13 @@ class RolloutWorker:
         return metrics
 
     def stats(self) -> dict[str, float]:
-        busy = self._busy_seconds
-        if self._busy_since is not None:
-            busy += time.perf_counter() - self._busy_since
-        self._count_request_time()
+        busy, requests = self.clock.read()
         return {
             **{f"rollout/{k}": float(v) for k, v in self.counts.items()},
             "rollout/in_flight_groups": float(len(self._tasks)),
             "rollout/tokens_generated": float(self._tokens_generated),
             "rollout/busy_s": busy,
-            "rollout/request_s": self._request_seconds,
+            "rollout/request_s": requests,
             "rollout/uptime_s": time.perf_counter() - self._created,
             "rollout/version": float(self.version),
             **self.rewards.metrics(),

@@ -32,7 +32,7 @@ One invocation measures, one after the other on the same two cores:
                  held in the engine until the next weights (rollout.interrupt_by=pause);
                  --set rollout.interrupt_by=abort hands them back as partial groups instead
    - async:      buffer.max_staleness=<eta> (2), rollout.on_update=interrupt (requests paused in
-                 the engine across each update, rollout.interrupt_by=pause), buffer.stragglers=mask
+                 the engine across each update, rollout.interrupt_by=pause), buffer.stragglers=proceed
                  (Grove's defaults): the trainer never waits for a group still generating when
                  due; that group's tokens older than eta become context only (masked tokens column)
    - async-wait: as async with buffer.stragglers=wait: the trainer waits for such a group, and
@@ -76,14 +76,14 @@ def mode_overrides(eta: int) -> dict[str, list[str]]:
         "sync+april": ["buffer.max_staleness=1", "rollout.on_update=wait", "rollout.overprovision=2"],
         # the default for async runs: a group still generating when due does not hold the
         # trainer; its tokens older than eta become context only (the masked % column)
-        "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+        "async": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=proceed",
                   "rollout.overprovision=1"],
         # the same, but the trainer waits for a straggler: every generated token is trained on
         "async-wait": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=wait",
                        "rollout.overprovision=1"],
         # as async, with in-flight requests aborted and re-prefilled at each update instead
         # of paused in the engine (not in the default --modes)
-        "async-abort": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=mask",
+        "async-abort": [f"buffer.max_staleness={eta}", "rollout.on_update=interrupt", "buffer.stragglers=proceed",
                         "rollout.interrupt_by=abort", "rollout.overprovision=1"],
     }
 
@@ -99,8 +99,8 @@ def workload_overrides(args) -> list[str]:
         f"trainer.batch_groups={args.batch_groups}",
         f"rollout.n_samples={args.n_samples}",
         f"rollout.max_tokens={args.max_tokens}",
-        f"rollout.long_tail_fraction={args.long_tail_fraction}",
-        f"rollout.long_tail_min_tokens={args.long_tail_min_tokens}",
+        f"rollout.workflow={ROOT / 'scripts' / 'workloads.py'}:LongTailWorkflow",
+        f"+rollout.workflow_kwargs={{fraction: {args.long_tail_fraction}, min_tokens: {args.long_tail_min_tokens}}}",
         "eval.every_steps=0",
         f"eval.max_rows={args.eval_rows}",
         *args.set,
@@ -134,8 +134,9 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
         after = ray.get(worker.stats.remote())
         tokens = after["rollout/tokens_generated"] - before["rollout/tokens_generated"]
         lengths = [t.num_response_tokens for g in groups for t in g.trajectories]
-        long_groups = sum(min(t.num_response_tokens for t in g.trajectories) >= cfg.rollout.long_tail_min_tokens
-                          for g in groups) if cfg.rollout.long_tail_min_tokens else 0
+        min_tokens = cfg.rollout.workflow_kwargs.get("min_tokens", 0)
+        long_groups = sum(min(t.num_response_tokens for t in g.trajectories) >= min_tokens
+                          for g in groups) if min_tokens else 0
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
             f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
         schedules = {"all at once": num_groups * n / rollout_s}  # rollout-only is the fastest of these
@@ -244,7 +245,7 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
 
     from buffer.buffer import StalenessManager
 
-    rule = StalenessManager(batch_groups, eta)  # the launcher's own admission rule
+    rule = StalenessManager(batch_groups, eta)  # the orchestrator's own rule, counted in groups of equal size
     start = last = time.perf_counter()
     started = finished = consumed = version = 0
     training_until: float | None = None

@@ -50,9 +50,14 @@ def loop_thread():
     lt.stop()
 
 
+def cpu_engine_config(**overrides) -> EngineConfig:
+    """The engine as the cpu_local profile sets it up, without pinning to a core."""
+    return EngineConfig(**{"cpu_cores": None, "dtype": "float32", "enforce_eager": True, **overrides})
+
+
 @pytest.fixture(scope="session")
 def engine(model_path, loop_thread):
-    eng = VLLMEngine(model_path, EngineConfig(cpu_cores=None))
+    eng = VLLMEngine(model_path, cpu_engine_config())
     loop_thread.run(eng.astart())
     yield eng
     eng.shutdown()

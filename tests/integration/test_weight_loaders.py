@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.engine import EngineConfig, VLLMEngine
+from rollout.engine import VLLMEngine
+from tests.integration.conftest import cpu_engine_config
 from trainer.policy_trainer import token_logprobs
 
 pytestmark = pytest.mark.integration
@@ -119,7 +120,7 @@ def test_direct_loader_keeps_a_tied_output_layer_in_step(loop_thread, model_path
     model.tie_weights()
     assert torch.equal(model.lm_head.weight, new_state["model.embed_tokens.weight"])
 
-    engine = VLLMEngine(str(tied_dir), EngineConfig(cpu_cores=None, weight_loader=loader))
+    engine = VLLMEngine(str(tied_dir), cpu_engine_config(weight_loader=loader))
     loop_thread.run(engine.astart())
     try:
         assert engine.live_from_start == (loader == "live")  # the tied checkpoint too goes live at start
@@ -133,7 +134,7 @@ def test_a_compiled_engine_takes_live_updates_in_place(loop_thread, model_path):
     """vLLM's compiled forward (enforce_eager=false) calls the packed CPU kernels it was traced
     with, so "live" loads as "inplace" there: the engine starts (it used to die on its first
     step) and every update reaches the model."""
-    engine = VLLMEngine(model_path, EngineConfig(cpu_cores=None, weight_loader="live", enforce_eager=False))
+    engine = VLLMEngine(model_path, cpu_engine_config(weight_loader="live", enforce_eager=False))
     loop_thread.run(engine.astart())
     try:
         assert not engine.live_from_start

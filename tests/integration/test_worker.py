@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +11,16 @@ import torch
 from buffer.prompts import PromptItem
 from buffer.types import FinishReason, Group, Trajectory
 from rewards.runner import RewardConfig
-from rollout.engine import EngineConfig, VLLMEngine
+from rollout.engine import VLLMEngine
 from rollout.worker import RolloutConfig, RolloutWorker
+from tests.integration.conftest import cpu_engine_config
 
 pytestmark = pytest.mark.integration
 ROW = {"prompt": "12+34=", "answer": "46"}
+ROOT = Path(__file__).resolve().parents[2]
+# every response is made 56 tokens long (EOS is masked until then): updates land mid-response
+LONG = {"max_tokens": 56, "workflow": f"{ROOT / 'scripts' / 'workloads.py'}:LongTailWorkflow",
+        "workflow_kwargs": {"fraction": 1.0, "min_tokens": 56}}
 
 
 def logprobs_under(model, prompt_ids, response_ids, eos_id: int = 1):
@@ -60,7 +66,7 @@ async def generate_across_an_update(worker, payload: bytes, group_id: str):
 def mp_engine(model_path, loop_thread):
     """The model in a worker process of its own: a weight swap cannot label inside the load
     there, so the engine pauses around it (VLLMEngine.aswap_weights)."""
-    eng = VLLMEngine(model_path, EngineConfig(cpu_cores=None, executor="mp"))
+    eng = VLLMEngine(model_path, cpu_engine_config(executor="mp"))
     loop_thread.run(eng.astart())
     yield eng
     eng.shutdown()
@@ -69,8 +75,7 @@ def mp_engine(model_path, loop_thread):
 @pytest.fixture(scope="module")
 def make_worker(model_path, engine, loop_thread):
     def make(on_update: str, interrupt_by: str = "pause", on_engine=None) -> RolloutWorker:
-        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update=on_update,
-                            interrupt_by=interrupt_by)
+        cfg = RolloutConfig(**LONG, on_update=on_update, interrupt_by=interrupt_by)
         worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=on_engine or engine)
         loop_thread.run(worker.astart())
         return worker
@@ -177,8 +182,8 @@ def _one_step_then_generate(worker, trainer, loop_thread, group_id):
 
 
 @pytest.mark.parametrize("interrupt_by", ["abort", "pause"])
-def test_mask_mode_keeps_old_tokens_as_context_only(make_worker, trainer, loop_thread, interrupt_by):
-    worker = make_worker("mask", interrupt_by)
+def test_interrupt_newest_keeps_old_tokens_as_context_only(make_worker, trainer, loop_thread, interrupt_by):
+    worker = make_worker("interrupt_newest", interrupt_by)
     group = _one_step_then_generate(worker, trainer, loop_thread, f"g-mask-{interrupt_by}")
     for traj in group.trajectories:
         cut = traj.versions.index(max(traj.versions))
@@ -196,8 +201,7 @@ def test_wait_mode_lets_requests_finish_on_the_old_weights(make_worker, trainer,
 @pytest.fixture(scope="module")
 def make_april_worker(model_path, engine, loop_thread):
     def make(interrupt_by: str) -> RolloutWorker:
-        cfg = RolloutConfig(max_tokens=56, long_tail_fraction=1.0, long_tail_min_tokens=56, on_update="wait",
-                            interrupt_by=interrupt_by, overprovision=2.0)
+        cfg = RolloutConfig(**LONG, on_update="wait", interrupt_by=interrupt_by, overprovision=2.0)
         worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
         loop_thread.run(worker.astart())
         return worker
@@ -232,7 +236,7 @@ def test_april_batch_boundary_hands_requests_to_the_next_weights(make_april_work
         return interrupted, held, _tokens_so_far(worker.engine), partial, worker.stats()["rollout/busy_s"] - busy
 
     interrupted, held, later, partial, busy_while_held = loop_thread.run(run())
-    assert interrupted == 2
+    assert interrupted == [f"april-{interrupt_by}"]  # the group whose two requests were stopped
     if interrupt_by == "pause":
         assert later == held and not partial.partial and not partial.groups  # held in place
         assert busy_while_held < 0.05  # held is idle time, not busy

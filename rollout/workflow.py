@@ -1,0 +1,81 @@
+"""How one prompt becomes a group: the `RolloutWorkflow` seam.
+
+The rollout worker runs one episode per admitted prompt item:
+
+    group = await workflow.arun_episode(ctx, item)     # a Group, or None to reject it
+
+`ctx` is the worker's side of the contract. `ctx.agenerate(traj)` samples (or continues)
+one response on the engine: it waits while a weight update is under way, survives
+interrupts and pauses, and stamps every token with its sampling logprob and the policy
+version that produced it. `ctx.ascore(group)` runs the configured rewards. A workflow
+only decides what to generate and how the pieces form a group: n independent samples
+(the built-in `group`), a tree, a multi-turn episode. A group handed back with responses
+still `ABORTED` (an APRIL interrupt) is partial: the worker returns it to the scheduler,
+which resumes it later through the same workflow with `ctx.partial` set.
+
+Select one with `rollout.workflow`: a registered name or a dotted path
+(`pkg.mod:MyWorkflow`, `path/file.py:MyWorkflow`); `rollout.workflow_kwargs` go to its
+constructor. AReaL's `arun_episode` is the model for this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Protocol, runtime_checkable
+
+from buffer.plugins import load_plugin
+from buffer.prompts import PromptItem
+from buffer.types import Group, Trajectory
+
+
+class EpisodeContext(Protocol):
+    """What the rollout worker gives a workflow for one episode."""
+
+    tokenizer: Any
+    partial: Group | None  # the group to continue, when resuming a partial one
+
+    def new_group(self, item: PromptItem) -> Group:
+        """A group of `item.n_samples` empty responses to `item`'s prompt."""
+
+    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *,
+                        min_tokens: int = 0, temperature: float | None = None) -> Trajectory:
+        """Generate (or continue) `traj` until it stops, hits its budget or is interrupted.
+        `max_tokens` bounds its whole response (default `rollout.max_tokens`)."""
+
+    async def ascore(self, group: Group) -> bool:
+        """Score every response; False when the reward failure policy drops the group."""
+
+
+@runtime_checkable
+class RolloutWorkflow(Protocol):
+    async def arun_episode(self, ctx: EpisodeContext, item: PromptItem) -> Group | None: ...
+
+
+class GroupWorkflow:
+    """`group` (the default): n independent samples of one prompt, scored together."""
+
+    def sampling_kwargs(self, item: PromptItem) -> dict[str, Any]:
+        """Extra `ctx.agenerate` arguments for this item's responses (none here)."""
+        return {}
+
+    async def arun_episode(self, ctx: EpisodeContext, item: PromptItem) -> Group | None:
+        group = ctx.partial or ctx.new_group(item)
+        kwargs = self.sampling_kwargs(item)
+        group.trajectories = list(await asyncio.gather(*(ctx.agenerate(t, **kwargs) for t in group.trajectories)))
+        if not group.is_finished:
+            return group  # interrupted: handed back partial, resumed later
+        return group if await ctx.ascore(group) else None
+
+
+WORKFLOWS = {"group": GroupWorkflow}
+
+
+def build_workflow(spec: str, kwargs: dict[str, Any], cwd: str | None = None) -> RolloutWorkflow:
+    """The workflow `rollout.workflow` names, built with `rollout.workflow_kwargs`."""
+    factory = load_plugin("rollout.workflow", spec, WORKFLOWS, cwd)
+    workflow = factory(**kwargs)
+    if not inspect.iscoroutinefunction(getattr(workflow, "arun_episode", None)):
+        raise ValueError(f"rollout.workflow={spec!r} built a {type(workflow).__name__} without an "
+                         "`async def arun_episode(self, ctx, item)`: see rollout/workflow.py")
+    return workflow
