@@ -1,9 +1,11 @@
 """The `grove` command. `grove train key=value ...` is a Hydra app over `configs/`;
 `grove prepare` builds, ahead of a first run, what that run would otherwise build at start.
 
-Usage errors (a bad key, a value out of range, an impossible combination) end with a
-one-paragraph message and exit code 2, before any engine starts. The last line of a
-successful run is machine-readable:
+Usage errors (a bad key, a value out of range, an impossible combination, a reward that
+fails on the first dataset row) end with a one-paragraph message and exit code 2, before
+any engine starts. A fault during the run (a failed or dead engine, a reward alarm,
+non-finite steps) ends it with the engine, the call, the remote traceback and the ledger,
+and exit code 1. The last line of a successful run is machine-readable:
 
     grove: accuracy_before=<x> accuracy_after=<y> run_dir=<path>
 """
@@ -85,6 +87,7 @@ def _train_app() -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(raw: DictConfig) -> None:
         from trainer.launcher import StartupError, train
+        from trainer.orchestrator import RunError
 
         try:
             cfg = OmegaConf.to_object(raw)
@@ -99,6 +102,9 @@ def _train_app() -> None:
             summary = train(cfg, run_dir)
         except StartupError as err:
             usage_error("error", err)
+        except RunError as err:
+            print(f"grove: run failed: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
         print(
             f"grove: accuracy_before={summary.accuracy_before:.4f} "
             f"accuracy_after={summary.accuracy_after:.4f} run_dir={summary.run_dir}",

@@ -15,7 +15,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from algorithms import AlgorithmConfig
-from buffer.scheduler import STRAGGLER_POLICIES
+from buffer.sampling import SamplingConfig
+from buffer.scheduler import RENAMED_STRAGGLER_POLICIES, STRAGGLER_POLICIES
 from rewards.runner import RewardConfig
 from rollout.worker import RolloutConfig
 from trainer.policy_trainer import TrainerConfig
@@ -57,12 +58,31 @@ class TaskConfig:
 @dataclass
 class BufferConfig:
     max_staleness: int = 1  # η: no consumed token is more than η versions old
-    # A group still generating when it is due (started η versions ago): `mask` trains
+    # A group still generating when it is due (started η versions ago): `proceed` trains
     # without it, and when it arrives its tokens older than η are kept as context only
     # (counted in ledger.masked_tokens); `wait` holds the trainer until it finishes, so
     # every token is trained on. At η = 0 the two are the same: admission starts only one
     # batch of groups per version, so a batch cannot fill before all of them finish.
-    stragglers: str = "mask"
+    stragglers: str = "proceed"
+
+
+@dataclass
+class ClusterConfig:
+    """Where the engines run. A profile in `configs/cluster/` sets this and the engine
+    settings that differ between a CPU box and GPUs (pinning, dtype, eager mode)."""
+
+    name: str = "cpu_local"
+    num_cpus: Optional[int] = None  # CPUs Ray may use on this machine; null = all
+    rollout_gpus: float = 0.0  # GPUs per rollout worker actor
+    trainer_gpus: float = 0.0  # GPUs for the trainer actor
+
+
+@dataclass
+class WeightSyncConfig:
+    """How each version's weights reach the rollout engines: a registered transport
+    (object_store) or a dotted path to your own (trainer/interfaces.py:WeightTransport)."""
+
+    transport: str = "object_store"
 
 
 @dataclass
@@ -88,6 +108,9 @@ class GroveConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
@@ -98,6 +121,9 @@ class GroveConfig:
         eta = self.buffer.max_staleness
         if eta < 0:
             raise ValueError(f"buffer.max_staleness must be >= 0, got {eta}")
+        if self.buffer.stragglers in RENAMED_STRAGGLER_POLICIES:
+            raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} was renamed: set "
+                             f"buffer.stragglers={RENAMED_STRAGGLER_POLICIES[self.buffer.stragglers]}")
         if self.buffer.stragglers not in STRAGGLER_POLICIES:
             raise ValueError(f"buffer.stragglers={self.buffer.stragglers!r} is not one of {list(STRAGGLER_POLICIES)}")
         if eta > 0 and not self.algorithm.decoupled and self.algorithm.tis == "none":

@@ -5,6 +5,11 @@ the current policy re-scores every response token, `algorithms.compute_policy_lo
 turns that into a loss with the engine's behaviour logprobs as the reference, and one
 DeepSpeed step later the version goes up by one. `export_weights` then hands the new
 weights to the rollout side as a safetensors blob.
+
+A non-finite loss or gradient norm skips the optimizer update: nothing is applied, the
+step's export is None (no weights travel; the rollout only relabels its version), and
+`trainer.max_nonfinite_steps` such steps in a row stop the run. The version still counts
+batches, the unit of admission and staleness.
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ class TrainerConfig:
     bucket_overhead_tokens: int = 128
     total_steps: int = 600
     seed: int = 0
-    cpu_cores: Optional[str] = "1"  # the core(s) this process is pinned to; null = no pinning
+    cpu_cores: Optional[str] = None  # the core(s) this process is pinned to; null = no pinning
     num_threads: int = 1
-    # torch.compile the model's forward (shapes dynamic) before DeepSpeed wraps it: on the
-    # built-in model on CPU a step takes ~0.75-0.8x as long (fused elementwise work), for 17-45 s of
-    # compiling at start-up on a cold inductor cache (less once warm). Worth it for long runs
-    # and for a trainer the rollout waits on; off by default so short runs start fast.
+    dist_backend: str = "auto"  # torch.distributed backend: auto = nccl where CUDA is, else gloo
+    max_nonfinite_steps: int = 3  # this many steps in a row with a NaN/inf loss or gradient stop the run
+    # torch.compile the model's forward (shapes dynamic) before DeepSpeed wraps it: steps
+    # get faster (fused elementwise work) for tens of seconds of compiling at start-up
+    # (docs/benchmarks.md). Worth it for long runs and for a trainer the rollout waits on;
+    # off by default so short runs start fast.
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -65,6 +72,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
         if self.bucket_overhead_tokens < 0:
             raise ValueError(f"trainer.bucket_overhead_tokens must be >= 0, got {self.bucket_overhead_tokens}")
+        if self.dist_backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"trainer.dist_backend={self.dist_backend!r} is not one of ['auto', 'gloo', 'nccl']")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"trainer.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
 
 def _free_port() -> int:
@@ -79,8 +90,18 @@ def pin_to_cores(cores: Optional[str], num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def init_single_process_group() -> None:
-    """DeepSpeed needs a process group; on one process, a gloo group of size one."""
+class NonFiniteStepsError(RuntimeError):
+    """Too many steps in a row had a NaN or inf loss or gradient norm."""
+
+
+def dist_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_single_process_group(backend: str = "auto") -> None:
+    """DeepSpeed needs a process group; on one process, a group of size one."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -91,7 +112,7 @@ def init_single_process_group() -> None:
                       WORLD_SIZE="1")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=dist_backend(backend), auto_mpi_discovery=False)
 
 
 @dataclass
@@ -107,6 +128,11 @@ class PackedBatch:
     rewards: torch.Tensor  # (B,)
     group_index: torch.Tensor  # (B,)
     num_tokens: int
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch with every tensor on `device` (the model's)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return PackedBatch(**moved)
 
 
 def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
@@ -194,12 +220,12 @@ def bucketed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     width = input_ids.shape[1] - 1
     pieces: list[tuple[torch.Tensor, ...]] = []
     for rows in buckets:
-        index = torch.tensor(rows)
+        index = torch.tensor(rows, device=input_ids.device)
         n = int(lengths[index].max())
         out = token_logprobs(model, input_ids[index, :n], attention_mask[index, :n], temperature, with_entropy)
         out = out if with_entropy else (out,)
         pieces.append(tuple(torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in out))
-    inverse = torch.tensor([i for rows in buckets for i in rows]).argsort()
+    inverse = torch.tensor([i for rows in buckets for i in rows], device=input_ids.device).argsort()
     joined = tuple(torch.cat(parts)[inverse] for parts in zip(*pieces))
     return joined if with_entropy else joined[0]
 
@@ -236,12 +262,15 @@ class Trainer:
         self.temperature = temperature
         self.version = 0
         self._busy_seconds = 0.0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._applied = True  # whether the last step changed the weights
 
     def setup(self) -> dict[str, float]:
         start = time.perf_counter()
         pin_to_cores(self.cfg.cpu_cores, self.cfg.num_threads)
         torch.manual_seed(self.cfg.seed)
-        init_single_process_group()
+        init_single_process_group(self.cfg.dist_backend)
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,7 +285,8 @@ class Trainer:
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.cfg.grad_clip,
             "zero_optimization": {"stage": self.cfg.zero_stage, "stage3_param_persistence_threshold": 0},
-            "bf16": {"enabled": self.cfg.bf16},
+            # bf16 steps skip on a non-finite gradient as fp32 ZeRO steps do (see _apply)
+            "bf16": {"enabled": self.cfg.bf16, "check_grad_overflow": True},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -264,8 +294,8 @@ class Trainer:
         if self.cfg.compile:  # before DeepSpeed wraps it: the warm-up must not reach its gradient hooks
             compile_start = time.perf_counter()
             # The forward only, not the module's whole call: DeepSpeed adds forward hooks to
-            # the module, which dynamo would otherwise trace in the first real step (~110 ms,
-            # more than the step), after the warm-up; outside the compiled region they run eagerly.
+            # the module, which dynamo would otherwise trace in the first real step, after
+            # the warm-up; outside the compiled region they run eagerly.
             model.forward = torch.compile(model.forward, dynamic=True)
             self._warm_up_compiled(model)
             metrics["trainer_compile_s"] = time.perf_counter() - compile_start
@@ -274,6 +304,7 @@ class Trainer:
         if self.algorithm.needs_reference:  # only then: a frozen copy costs a model's memory
             self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
+            self.reference.to(self.engine.device)
         return {"trainer_setup_s": time.perf_counter() - start, **metrics}
 
     def _warm_up_compiled(self, model) -> None:
@@ -305,7 +336,7 @@ class Trainer:
         metrics and bumps the version."""
         start = time.perf_counter()
         algo = self.algorithm
-        batch = pack_groups(groups, self.tokenizer.pad_token_id)
+        batch = pack_groups(groups, self.tokenizer.pad_token_id).to(self.engine.device)
         self.engine.train()
         mask = batch.loss_mask
         recompute = algo.decoupled and algo.prox_mode == "recompute"
@@ -323,6 +354,7 @@ class Trainer:
         advantages = compute_advantages(batch.rewards, batch.group_index, algo, seq_mean_logprobs=seq_mean)
         metrics_sum: dict[str, float] = {}
         losses = []
+        applied = 0
         for rows in torch.arange(len(groups)).chunk(self.cfg.minibatches):
             rows = torch.isin(batch.group_index, rows)
             logprobs, entropy = self._logprobs(self.engine, batch, rows, with_entropy=True)
@@ -346,12 +378,12 @@ class Trainer:
                 ),
                 algo,
             )
-            self.engine.backward(out.loss)
-            self.engine.step()
+            applied += self._apply(out.loss)
             losses.append(float(out.loss.detach()))
             for key, value in out.metrics.items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + float(value) / self.cfg.minibatches
         stats = batch_statistics(batch, advantages, self.version)
+        self._count_nonfinite(applied)
         self.version += 1
         seconds = time.perf_counter() - start
         self._busy_seconds += seconds
@@ -369,6 +401,8 @@ class Trainer:
                 "train/step_s": seconds,
                 "train/tokens_per_s": batch.num_tokens / seconds,
                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/updates_applied": float(applied),
+                "train/nonfinite_skipped_total": float(self.nonfinite_total),
                 "train/version": float(self.version),
                 "batch/version_min": float(all_versions.min()),
                 "batch/version_max": float(all_versions.max()),
@@ -382,8 +416,41 @@ class Trainer:
         """`train_step`, then `export_weights`, as one actor call with two results: the
         launcher hands the second straight to the rollout worker, so the push starts the
         moment the step ends instead of after a round trip through the driver. If the step
-        fails, both results carry its error, and no weights go out."""
-        return self.train_step(groups), self.export_weights()
+        fails, both results carry its error, and no weights go out; if it changed nothing
+        (every update skipped as non-finite), the export is None."""
+        metrics = self.train_step(groups)
+        return metrics, self.export_weights() if self._applied else None
+
+    def _apply(self, loss: torch.Tensor) -> bool:
+        """Backward and one optimizer update, unless the loss or the gradient norm is not
+        finite: then nothing is applied. Returns whether the update was applied."""
+        if not torch.isfinite(loss.detach()):
+            self.engine.zero_grad()
+            return False
+        self.engine.backward(loss)
+        if self.cfg.zero_stage == 0:
+            # without ZeRO, DeepSpeed hands the step straight to the torch optimizer, which
+            # would apply NaN: check the gradient here
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack([g.detach().norm() for g in grads]).norm()):
+                self.engine.zero_grad()
+                return False
+        skipped = self.engine.skipped_steps
+        self.engine.step()  # ZeRO optimizers skip a step whose gradient norm is not finite
+        return self.engine.skipped_steps == skipped
+
+    def _count_nonfinite(self, applied: int) -> None:
+        self._applied = applied > 0
+        skipped = self.cfg.minibatches - applied
+        self.nonfinite_total += skipped
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + skipped if skipped else 0
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteStepsError(
+                f"trainer: {self.nonfinite_in_a_row} optimizer updates in a row had a NaN or inf loss or gradient "
+                f"norm (trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); each was skipped, nothing "
+                f"applied. Usual causes: a learning rate too high (trainer.lr={self.cfg.lr}), rewards of extreme "
+                "magnitude, or bf16 overflow. Lower trainer.lr, check the rewards, or set trainer.bf16=false."
+            )
 
     def export_weights(self) -> bytes:
         """The current weights as a safetensors blob in HF checkpoint naming."""

@@ -1,0 +1,150 @@
+"""Faults end a run with a clear message and a non-zero exit, within seconds, never hidden:
+a reward that raises, a reward that mostly fails, a reward that hangs, a rollout worker
+killed mid-run, and non-finite training steps."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from buffer.types import FinishReason, Group, Trajectory
+from tests.integration.test_e2e import grove
+
+pytestmark = pytest.mark.integration
+
+REWARDS = '''
+import time
+
+def always_raises(response, **kwargs):
+    raise ValueError("this reward cannot read " + repr(response))
+
+def picky(response, answer, **kwargs):
+    """Right on the exact answer (as the start-up check sends), raises on anything else."""
+    if response.strip() == str(answer):
+        return 1.0
+    raise KeyError("picky reward found no answer in " + repr(response))
+
+def hangs(response, **kwargs):
+    time.sleep(3600)
+'''
+
+
+def rewards_file(tmp_path: Path) -> Path:
+    path = tmp_path / "bad_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def reward_override(tmp_path: Path, name: str) -> str:
+    return f'reward.functions=[{{fn: "{rewards_file(tmp_path)}:{name}"}}]'
+
+
+def test_a_reward_that_always_raises_stops_the_run_at_start_naming_it(tmp_path, model_path):
+    start = time.monotonic()
+    out = grove([reward_override(tmp_path, "always_raises"), "logger=none", "trainer.total_steps=4"], tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "always_raises" in out.stderr and "this reward cannot read" in out.stderr
+    assert "first dataset row" in out.stderr
+    assert time.monotonic() - start < 120  # before any engine started
+
+
+def test_a_reward_that_hangs_is_caught_by_the_start_up_check_within_its_timeout(tmp_path, model_path):
+    start = time.monotonic()
+    out = grove([reward_override(tmp_path, "hangs"), "reward.timeout_s=2", "logger=none"], tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "hangs" in out.stderr and "timeout" in out.stderr
+    assert time.monotonic() - start < 120
+
+
+def test_a_reward_that_mostly_fails_trips_the_alarm_and_exits_nonzero(tmp_path, model_path):
+    """It passes the start-up check (right on the first row's answer) and then fails on
+    most held-out responses: the failure-rate alarm stops the run, naming the reward."""
+    out = grove([reward_override(tmp_path, "picky"), "logger=none", "trainer.total_steps=4",
+                 "eval.max_rows=200"], tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "grove: run failed" in out.stderr
+    assert "picky" in out.stderr and "reward.max_failure_rate" in out.stderr
+    assert "picky reward found no answer" in out.stderr
+
+
+def rollout_worker_pid(root: int) -> int | None:
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            if "RolloutWorker" in " ".join(proc.cmdline()[:3]):
+                return proc.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_killed_rollout_worker_stops_the_run_within_seconds_with_the_ledger(tmp_path, model_path):
+    cmd = [sys.executable, "-m", "trainer.cli", "train", f"output_root={tmp_path}", "run_name=kill",
+           "logger=none", "trainer.total_steps=400", "eval.every_steps=0", "eval.max_rows=50"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train/loss"') >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    pid = rollout_worker_pid(proc.pid)
+    assert pid is not None
+    psutil.Process(pid).send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - killed_at < 60  # seen within seconds (the rest is Ray shutting down)
+    assert "grove: run failed: rollout worker 0:" in stderr
+    assert "ledger at the fault" in stderr and "'started'" in stderr
+
+
+def nan_group(trainer) -> Group:
+    """A group whose behaviour logprobs are NaN: the decoupled-PPO weight, hence the loss, is NaN."""
+    g = Group(group_id="nan", prompt_id="p", prompt_text="1+1=", row={})
+    for reward in (0.0, 1.0):
+        t = Trajectory(prompt_id="p", group_id="nan", prompt_ids=[3, 4, 12, 5])
+        t.append_tokens([6, 1], [math.nan, math.nan], trainer.version)
+        t.reward, t.finish_reason = reward, FinishReason.STOP
+        g.trajectories.append(t)
+    return g
+
+
+def weights_of(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+
+
+def test_non_finite_steps_apply_nothing_push_nothing_and_stop_after_the_limit(trainer):
+    limit = trainer.cfg.max_nonfinite_steps
+    before = weights_of(trainer)
+    version = trainer.version
+    for i in range(limit - 1):
+        metrics, weights = trainer.train_step_and_export([nan_group(trainer)])
+        assert weights is None and metrics["train/updates_applied"] == 0.0
+        assert metrics["train/nonfinite_skipped_total"] >= i + 1
+    assert trainer.version == version + limit - 1  # the version still counts batches
+    after = weights_of(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    from trainer.policy_trainer import NonFiniteStepsError
+
+    with pytest.raises(NonFiniteStepsError, match="trainer.max_nonfinite_steps"):
+        trainer.train_step_and_export([nan_group(trainer)])
+    trainer.nonfinite_in_a_row = 0  # the shared trainer goes on for other tests
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied(trainer):
+    before = weights_of(trainer)
+    params = [p for p in trainer.engine.module.parameters()]
+    loss = torch.sqrt((params[0].sum() * 0).abs())  # 0, but d sqrt/dx at 0 is inf: the gradient is NaN
+    assert torch.isfinite(loss)
+    assert trainer._apply(loss) is False
+    after = weights_of(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)

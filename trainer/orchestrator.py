@@ -1,0 +1,401 @@
+"""The orchestrator: one class owns a run's state and drives the asynchronous loop.
+
+    admit prompts while the staleness rule allows   ──>  rollout workers generate
+    collect finished groups into the buffer         <──  (scored, versioned)
+    when a batch is due and the trainer is idle: train one step on it
+    when a step ends: its weights go to every worker (version v + 1)
+
+Generation never stops for training. Admission follows the trainer's version: the
+groups a step's end admits go to a worker at once, and it holds them until that step's
+weights are on their way into its engine. Every decision is made by pure helpers (the
+prompt sampler, `buffer.scheduler.RolloutScheduler`), and the engines are reached only
+through `trainer.interfaces`, so the same code drives Ray actors in a run and
+in-process fakes in the unit tests.
+
+No call's result is dropped: a failed call (an exception in a worker, a dead actor)
+stops the run within seconds with a `RunError` that names the engine and the call, shows
+the remote traceback and prints the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from buffer.prompts import PromptItem
+from buffer.sampling import PromptSampler
+from buffer.scheduler import RolloutScheduler
+from trainer.interfaces import RemoteCallError, RolloutClient, TrainerClient, WeightTransport, describe_error
+
+COLLECT_TIMEOUT_S = 2.0  # a worker's collect returns at least this often, so a dead one is seen
+
+
+class RunLogger(Protocol):
+    def log(self, step: int, metrics: dict[str, float], histograms: dict[str, list] | None = None) -> None: ...
+
+    def progress(self, text: str) -> None: ...
+
+
+class RunError(RuntimeError):
+    """The run stopped on a fault; the message says where, why, and what the ledger held."""
+
+
+@dataclass
+class LoopConfig:
+    """What the loop needs from the run's config (`from_config` maps a GroveConfig)."""
+
+    total_steps: int
+    batch_groups: int
+    n_samples: int
+    max_staleness: int
+    overprovision: float = 1.0
+    stragglers: str = "proceed"
+    hold_on_interrupt: bool = True  # APRIL by pause: interrupted groups stay in the engine
+    eval_every: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LoopConfig":
+        return cls(cfg.trainer.total_steps, cfg.trainer.batch_groups, cfg.rollout.n_samples,
+                   cfg.buffer.max_staleness, cfg.rollout.overprovision, cfg.buffer.stragglers,
+                   cfg.rollout.interrupt_by == "pause", cfg.eval.every_steps)
+
+
+@dataclass
+class PendingSync:
+    """A weight push on its way to the workers, with what the step it came from trained."""
+
+    task: asyncio.Future | None
+    version: int
+    batch_ages: list[int]
+    partial_ratio: float
+    step_metrics: dict[str, float] | None = None  # set when the step's own result arrives
+    started: float = 0.0  # when the step ended
+
+    def state(self) -> dict[str, Any]:
+        return {"version": self.version, "batch_ages": self.batch_ages, "partial_ratio": self.partial_ratio}
+
+
+@dataclass
+class Accounting:
+    """Idle and staleness bookkeeping, in seconds of the loop's clock."""
+
+    trainer_idle: float = 0.0
+    # Trainer idle time split by cause: a full batch is buffered but a straggler is due
+    # (deadline wait), or too few groups have finished (the rollout is the bottleneck).
+    straggler_wait: float = 0.0
+    trained_tokens: float = 0.0
+    loop_s: float = 0.0
+
+
+class Orchestrator:
+    def __init__(self, cfg: LoopConfig, sampler: PromptSampler, rollouts: Sequence[RolloutClient],
+                 trainer: TrainerClient, transport: WeightTransport, logger: RunLogger,
+                 eval_rows: Sequence[dict] = ()) -> None:
+        if not rollouts:
+            raise ValueError("the orchestrator needs at least one rollout client")
+        self.cfg = cfg
+        self.sampler = sampler
+        self.rollouts = list(rollouts)
+        self.trainer = trainer
+        self.transport = transport
+        self.logger = logger
+        self.eval_rows = list(eval_rows)
+        self.sched = RolloutScheduler(cfg.batch_groups, cfg.n_samples, cfg.max_staleness, cfg.overprovision,
+                                      cfg.stragglers)
+        self.version = 0  # the trainer's; admission follows it
+        self.queued: deque[PromptItem] = deque()  # drawn from the sampler, waiting for room
+        self.syncs: deque[PendingSync] = deque()  # weight pushes in flight, oldest first
+        self.acct = Accounting()
+        self._fired: set[asyncio.Future] = set()
+        self._fault: asyncio.Future | None = None
+
+    # -- calls ---------------------------------------------------------------------------
+    def _call(self, engine: str, call: str, awaitable: Awaitable) -> asyncio.Future:
+        """A task for one engine call, whose failure names the engine and the call."""
+
+        async def checked():
+            try:
+                return await awaitable
+            except Exception as err:  # noqa: BLE001 - every failure is surfaced, named
+                raise RemoteCallError(engine, call, err) from err
+
+        return asyncio.ensure_future(checked())
+
+    def _fire(self, engine: str, call: str, awaitable: Awaitable, on_result=None) -> None:
+        """A call whose result the loop does not wait for, checked all the same: a failure
+        stops the run at the loop's next turn."""
+        task = self._call(engine, call, awaitable)
+        self._fired.add(task)
+
+        def done(t: asyncio.Future) -> None:
+            self._fired.discard(t)
+            if t.cancelled():
+                return
+            if t.exception() is not None:
+                if not self._fault.done():
+                    self._fault.set_exception(t.exception())
+            elif on_result is not None:
+                on_result(t.result())
+
+        task.add_done_callback(done)
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self) -> dict[str, int]:
+        """Train `total_steps` versions; returns the ledger's summary. Raises `RunError`."""
+        loop = asyncio.get_running_loop()
+        self._fault = loop.create_future()
+        tasks: list[asyncio.Future] = []
+        try:
+            return await self._run(loop, tasks)
+        except RunError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a fault anywhere ends the run, named
+            raise RunError(f"{describe_error(err)}\nledger at the fault: {self._ledger_now()}") from err
+        finally:
+            for task in [*tasks, *self._fired]:
+                task.cancel()
+            if self._fault.done() and not self._fault.cancelled():
+                self._fault.exception()  # retrieved: not logged as never retrieved
+
+    def _ledger_now(self) -> dict[str, int]:
+        return {**self.sched.ledger.as_dict(), "running": len(self.sched.running),
+                "buffered": len(self.sched.buffer), "partial_pool": len(self.sched.partial_pool),
+                "lost": self.sched.lost()}
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, tasks: list) -> dict[str, int]:
+        cfg, now = self.cfg, loop.time
+        first_stats = await asyncio.gather(*(self._call(c.name, "health", c.health()) for c in self.rollouts))
+        last_stats = list(first_stats)
+        collects = {i: self._collect(i) for i in range(len(self.rollouts))}
+        train_task: asyncio.Future | None = None
+        eval_task: asyncio.Future | None = None
+        start = last_time = trainer_idle_since = idle_mark = now()
+        full_batch_waiting = False
+        while self.version < cfg.total_steps or self.syncs or eval_task is not None:
+            if self.version < cfg.total_steps:
+                self._admit()
+                if train_task is None:
+                    train_task = self._start_step(now())
+                    if train_task is not None:
+                        self.acct.trainer_idle += now() - trainer_idle_since
+            sync_task = self.syncs[0].task if self.syncs else None
+            tasks[:] = [t for t in (*collects.values(), train_task, sync_task, eval_task) if t is not None]
+            await asyncio.wait([*tasks, self._fault], return_when=asyncio.FIRST_COMPLETED)
+            if self._fault.done():
+                raise self._fault.exception()
+            t = now()
+            if train_task is None and full_batch_waiting and self.version < cfg.total_steps:
+                self.acct.straggler_wait += t - idle_mark
+            idle_mark = t
+            for i, task in list(collects.items()):
+                if task.done():
+                    self._absorb(task.result())
+                    collects[i] = self._collect(i)
+            full_batch_waiting = self.sched.buffer.num_samples >= self.sched.batch_size
+            step_ended = sync_task is not None and sync_task.done() and self.syncs[0].step_metrics is None
+            if train_task is not None and (train_task.done() or step_ended):
+                metrics = await train_task  # weights that arrived came from a step that has ended
+                self.acct.trained_tokens += metrics["train/num_tokens"]
+                train_task, trainer_idle_since = None, now()
+                self.version += 1
+                self.syncs[-1].step_metrics, self.syncs[-1].started = metrics, now()
+            if sync_task is not None and sync_task.done():
+                done = self.syncs.popleft()
+                stats = [r["stats"] for r in sync_task.result()]
+                t = now()
+                self.logger.log(done.version, self._step_metrics(done, sync_task.result(), stats, last_stats,
+                                                                 t - last_time, t - start, t - done.started),
+                                histograms={"staleness/group_age_hist": done.batch_ages})
+                last_stats, last_time = stats, t
+                if cfg.eval_every and done.version % cfg.eval_every == 0 and done.version < cfg.total_steps:
+                    eval_task = self._evaluate()
+            if eval_task is not None and eval_task.done():
+                result = eval_task.result()
+                eval_task = None
+                self.logger.log(self.version, result)
+                self.logger.progress(f"step {self.version}: held-out accuracy {result['eval/accuracy']:.3f}")
+        return await self._finish(collects, first_stats, now() - start)
+
+    def _collect(self, i: int) -> asyncio.Future:
+        client = self.rollouts[i]
+        return self._call(client.name, "collect", client.collect(1, COLLECT_TIMEOUT_S))
+
+    def _evaluate(self) -> asyncio.Future:
+        client = self.rollouts[0]
+        return self._call(client.name, "evaluate", client.evaluate(self.eval_rows))
+
+    # -- decisions -------------------------------------------------------------------------
+    def _least_loaded(self) -> int:
+        """The worker with the fewest samples in flight (groups go by load, not in turn)."""
+        load = [0] * len(self.rollouts)
+        for running in self.sched.running.values():
+            load[running.worker] += running.samples
+        return min(range(len(load)), key=load.__getitem__)
+
+    def _admit(self) -> None:
+        """Resume partial groups first, then start new prompt items while there is room."""
+        worker = self._least_loaded()
+        resume, _ = self.sched.partials_to_resume(self.version, worker)
+        if resume:
+            client = self.rollouts[worker]
+            self._fire(client.name, "resume", client.resume(resume, self.version))
+        room = self.sched.capacity(self.version)
+        by_worker: dict[int, list[PromptItem]] = {}
+        while room > 0:
+            if not self.queued:
+                self.queued.extend(self.sampler.next(max(1, room // self.cfg.n_samples), self.version))
+                if not self.queued:
+                    break  # the sampler has nothing to start now
+            item = self.queued.popleft()
+            item.start_version = self.version
+            room -= item.n_samples
+            worker = self._least_loaded()
+            by_worker.setdefault(worker, []).append(item)
+            self.sched.started([item], worker)
+        for worker, items in by_worker.items():
+            client = self.rollouts[worker]
+            self._fire(client.name, "submit", client.submit(items))
+
+    def _absorb(self, got: Any, final: bool = False) -> None:
+        """File a worker's hand-over; the sampler sees every finished group and says which
+        to train on (at the end of a run everything is filed as it is)."""
+        kept = got.groups if final else self.sampler.observe(list(got.groups))
+        ids = {g.group_id for g in got.groups}
+        kept_ids = {g.group_id for g in kept}
+        if not kept_ids <= ids:
+            raise RuntimeError(f"prompt sampler {type(self.sampler).__name__}.observe returned groups it was "
+                               f"not given: {sorted(kept_ids - ids)[:3]}")
+        self.sched.absorb(kept, got.dropped, got.partial, [gid for gid in ids if gid not in kept_ids])
+
+    def _start_step(self, now: float) -> asyncio.Future | None:
+        """Hand the trainer a batch if one is due; its weights are pushed as soon as it ends."""
+        batch = self.sched.next_batch(self.version)
+        if batch is None:
+            return None
+        if self.sched.april:  # stop what is generating until the next weights
+            for client in self.rollouts:
+                hold = self.sched.hold_running if self.cfg.hold_on_interrupt else None
+                self._fire(client.name, "interrupt", client.interrupt(), on_result=hold)
+        step = self.trainer.train_step(batch)
+        version = self.version + 1
+        pushes = self.transport.push(step.weights, version, self.rollouts)
+        sync = asyncio.gather(*(self._call(c.name, "update_weights", p) for c, p in zip(self.rollouts, pushes)))
+        self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
+                                      self.sched.partial_ratio(batch), started=now))
+        return self._call(self.trainer.name, "train_step", step.metrics)
+
+    # -- reporting -------------------------------------------------------------------------
+    def _step_metrics(self, done: PendingSync, results: list[dict], stats: list[dict], last: list[dict],
+                      wall: float, elapsed: float, sync_s: float) -> dict[str, float]:
+        wall, elapsed = max(wall, 1e-9), max(elapsed, 1e-9)
+        merged = merge_worker_stats(stats)
+        self.sched.ledger.samples_interrupted = int(merged["rollout/samples_interrupted"])
+        delta = {k: merged[k] - merge_worker_stats(last)[k]
+                 for k in ("rollout/tokens_generated", "rollout/busy_s", "rollout/request_s")}
+        metrics = {
+            **done.step_metrics,
+            **merged,
+            "weight_sync/apply_s": max(r["weight_sync_apply_s"] for r in results),
+            "weight_sync/drain_s": max(r["weight_sync_drain_s"] for r in results),
+            "weight_sync/load_s": max(r["weight_sync_load_s"] for r in results),
+            "weight_sync/total_s": sync_s,
+            "weight_sync/bytes": float(sum(r["weight_bytes"] for r in results)),
+            "rollout/requests_interrupted": float(sum(r["requests_interrupted"] for r in results)),
+            "rollout/tokens_per_s": delta["rollout/tokens_generated"] / wall,
+            "rollout/idle_ratio": 1.0 - delta["rollout/busy_s"] / (wall * len(stats)),
+            "rollout/concurrency_mean": delta["rollout/request_s"] / wall,
+            "trainer/idle_ratio": self.acct.trainer_idle / elapsed,
+            "trainer/straggler_wait_ratio": self.acct.straggler_wait / elapsed,
+            "batch/partial_ratio": done.partial_ratio,
+            "staleness/group_age_max": float(max(done.batch_ages)),
+            "staleness/group_age_mean": sum(done.batch_ages) / len(done.batch_ages),
+            "buffer/groups": float(len(self.sched.buffer)),
+            "buffer/partial_groups": float(len(self.sched.partial_pool)),
+            **self.sampler.metrics(),
+            **{f"ledger/{k}": float(v) for k, v in self.sched.ledger.as_dict().items()},
+        }
+        if len(stats) > 1:
+            for i, s in enumerate(stats):
+                metrics[f"rollout/worker{i}/version"] = s["rollout/version"]
+                metrics[f"rollout/worker{i}/in_flight_groups"] = s["rollout/in_flight_groups"]
+        self.logger.progress(
+            f"step {done.version}/{self.cfg.total_steps}  reward={metrics['train/reward_mean']:.3f}  "
+            f"loss={metrics['train/loss']:+.4f}  rollout_tok/s={metrics['rollout/tokens_per_s']:.0f}  "
+            f"sync={sync_s * 1000:.0f}ms  versions={int(metrics['batch/version_min'])}.."
+            f"{int(metrics['batch/version_max'])}  reward_fail={metrics.get('reward/failure_rate', 0.0):.0%}"
+        )
+        return metrics
+
+    async def _finish(self, collects: dict[int, asyncio.Future], first_stats: list[dict], wall: float) -> dict:
+        """Cancel what is still generating, file everything, check the ledger."""
+        stops = [self._call(c.name, "stop", c.stop()) for c in self.rollouts]
+        cancelled = sum(await asyncio.gather(*stops))
+        for i, client in enumerate(self.rollouts):
+            for task in (collects[i], self._call(client.name, "collect", client.collect(0, 0.0))):
+                self._absorb(await task, final=True)
+        if cancelled != len(self.sched.running):
+            raise RuntimeError(f"workers cancelled {cancelled} groups but the orchestrator counts "
+                               f"{len(self.sched.running)} running")
+        stats = merge_worker_stats(await asyncio.gather(
+            *(self._call(c.name, "health", c.health()) for c in self.rollouts)))
+        first = merge_worker_stats(first_stats)
+        self.sched.ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])
+        self.acct.loop_s = wall = max(wall, 1e-9)
+        summary = self.sched.summary(cancelled)
+        self.logger.log(self.version, {
+            "run/rollout_idle_ratio": 1 - (stats["rollout/busy_s"] - first["rollout/busy_s"]) / (wall * len(self.rollouts)),
+            "run/trainer_idle_ratio": self.acct.trainer_idle / wall, "run/loop_s": wall,
+            "run/trainer_straggler_wait_ratio": self.acct.straggler_wait / wall,
+            "run/rollout_concurrency_mean": (stats["rollout/request_s"] - first["rollout/request_s"]) / wall,
+            **{f"ledger/{k}": float(v) for k, v in summary.items()}})
+        self.logger.progress(f"ledger: {summary}")
+        masked_share = summary["masked_tokens"] / max(summary["masked_tokens"] + self.acct.trained_tokens, 1.0)
+        if masked_share > 0.2:
+            self.logger.progress(
+                f"note: {masked_share:.0%} of the generated tokens were kept as context only, not trained on "
+                f"(older than buffer.max_staleness={self.cfg.max_staleness} when consumed). A larger "
+                "buffer.max_staleness or trainer.batch_groups leaves slow groups more time"
+                + ("." if self.sched.april else "; buffer.stragglers=wait trains every token at the price of the "
+                   "trainer waiting for them") + " See docs/async.md.")
+        if summary["lost"] != 0:
+            raise RuntimeError(f"the ledger does not balance: {summary}")
+        return summary
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state as plain data (JSON-ready): version, sampler, scheduler and ledger,
+        prompt items drawn but not started, weight pushes in flight, accounting. The
+        engines' own state (weights, optimizer, requests in flight) is not part of it."""
+        return {
+            "version": self.version,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "queued": [item.to_dict() for item in self.queued],
+            "syncs": [s.state() for s in self.syncs],
+            "accounting": asdict(self.acct),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version = state["version"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.queued = deque(PromptItem.from_dict(item) for item in state["queued"])
+        self.syncs = deque(PendingSync(None, **s) for s in state["syncs"])
+        self.acct = Accounting(**state["accounting"])
+
+
+def merge_worker_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Several workers' counters as one: sums, except rates, ratios, latencies and
+    versions, which are averaged."""
+    if len(stats) == 1:
+        return dict(stats[0])
+    averaged = ("rate", "ratio", "latency", "version")
+    merged: dict[str, float] = {}
+    for key in stats[0]:
+        values = [float(s.get(key, 0.0)) for s in stats]
+        merged[key] = sum(values) / len(values) if any(a in key for a in averaged) else sum(values)
+    return merged
+
