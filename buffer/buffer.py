@@ -2,8 +2,8 @@
 
 Admission control (AReaL, arXiv 2505.24298): with staleness bound η and batch size B
 (in samples: groups × responses per group), a new group may start only while the
-samples in flight (started, and not yet consumed by the trainer, dropped or filtered)
-number fewer than
+samples in flight (started, and not yet trained on by a finished step, dropped or
+filtered) number fewer than
 
     in_flight < (η + 1) · B
 

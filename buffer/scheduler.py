@@ -81,6 +81,7 @@ class RolloutScheduler:
         self.samples_started = 0
         self.samples_retired = 0  # of dropped and filtered groups: their slots are free again
         self.samples_consumed = 0
+        self.last_batch_samples = 0
         self.batch_taken = -1  # the last version a batch was handed out for
 
     def generation_open(self, version: int) -> bool:
@@ -114,7 +115,10 @@ class RolloutScheduler:
                 return 0
             in_flight = sum(r.samples for r in self.running.values()) + self.buffer.num_samples
             return max(0, self.in_flight_target - in_flight)
-        return self.gate.capacity(self.samples_started - self.samples_retired - self.samples_consumed)
+        # A batch frees its room when its step ends (the version moves on), as in AReaL's
+        # started < (v + eta + 1) * B, not when it is handed to the trainer.
+        trained = self.samples_consumed - (self.last_batch_samples if self.batch_taken >= version else 0)
+        return self.gate.capacity(self.samples_started - self.samples_retired - trained)
 
     def hold_running(self, group_ids: Iterable[str]) -> int:
         """APRIL with requests paused, not aborted, at the batch boundary: the groups the
@@ -181,7 +185,8 @@ class RolloutScheduler:
         batch = self.buffer.get(self.batch_size, version, binding)
         if batch is not None:
             self.ledger.consumed += len(batch)
-            self.samples_consumed += sum(g.num_samples for g in batch)
+            self.last_batch_samples = sum(g.num_samples for g in batch)
+            self.samples_consumed += self.last_batch_samples
             self.batch_taken = version
         return batch
 
@@ -212,6 +217,7 @@ class RolloutScheduler:
             "samples_started": self.samples_started,
             "samples_retired": self.samples_retired,
             "samples_consumed": self.samples_consumed,
+            "last_batch_samples": self.last_batch_samples,
             "batch_taken": self.batch_taken,
         }
 
@@ -227,6 +233,7 @@ class RolloutScheduler:
         self.samples_started = state["samples_started"]
         self.samples_retired = state["samples_retired"]
         self.samples_consumed = state["samples_consumed"]
+        self.last_batch_samples = state["last_batch_samples"]
         self.batch_taken = state["batch_taken"]
 
 

@@ -260,7 +260,7 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
             consumed += batch_groups
             training_until = now + train_s  # 0: the next pass bumps the version at once
             continue
-        room = min(rule.capacity(version, started), len(items) - started)
+        room = min(rule.capacity(started - version * batch_groups), len(items) - started)
         if room > 0:
             worker.submit.remote(items[started:started + room])
             started += room
