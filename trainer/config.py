@@ -18,7 +18,7 @@ from algorithms import AlgorithmConfig
 from buffer.sampling import SamplingConfig
 from buffer.scheduler import RENAMED_STRAGGLER_POLICIES, STRAGGLER_POLICIES
 from rewards.runner import RewardConfig
-from rollout.worker import RolloutConfig
+from rollout.config import RolloutConfig
 from trainer.policy_trainer import TrainerConfig
 from trainer.tiny_model import TinyModelSpec
 from trainer.warmup import WarmupConfig
