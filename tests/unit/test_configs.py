@@ -54,10 +54,47 @@ def test_unknown_key_is_refused():
     ("rollout.engine.executor=threads", "rollout.engine.executor"),
     ("rollout.engine.weight_loader=fast", "rollout.engine.weight_loader"),
     (["rollout.engine.executor=uniproc", "+rollout.engine.extra_args.tensor_parallel_size=2"], "executor=mp"),
+    ("rollout.top_p=0.9", "truncated, renormalised distribution"),
+    ("rollout.on_update=mask", "was renamed: set rollout.on_update=interrupt_newest"),
+    ("buffer.stragglers=mask", "was renamed: set buffer.stragglers=proceed"),
+    ("trainer.max_nonfinite_steps=0", "max_nonfinite_steps"),
+    ("trainer.dist_backend=mpi", "dist_backend"),
+    ("rollout.workflow=nosuch", None),  # checked at start-up (it may name a file): see below
 ])
 def test_bad_values_name_the_field(override, message):
+    if message is None:
+        assert isinstance(load([override]), GroveConfig)
+        return
     with pytest.raises(Exception, match=message):
         load(override if isinstance(override, list) else [override])
+
+
+def test_the_platform_profiles_hold_every_platform_choice():
+    """No CPU-only choice is a code default: the dataclasses are platform-neutral and the
+    cluster profile sets pinning, dtype, eager mode, GPUs and the process-group backend."""
+    from rollout.engine import EngineConfig
+    from trainer.policy_trainer import TrainerConfig
+
+    engine, trainer = EngineConfig(), TrainerConfig()
+    assert engine.cpu_cores is None and engine.dtype == "auto" and not engine.enforce_eager
+    assert trainer.cpu_cores is None and trainer.dist_backend == "auto"
+    cpu, gpu = load(), load(["cluster=gpu_local"])
+    assert (cpu.cluster.name, cpu.rollout.engine.cpu_cores, cpu.trainer.cpu_cores) == ("cpu_local", "0", "1")
+    assert (cpu.rollout.engine.dtype, cpu.rollout.engine.enforce_eager, cpu.trainer.dist_backend) == (
+        "float32", True, "gloo")
+    assert cpu.cluster.rollout_gpus == cpu.cluster.trainer_gpus == 0
+    assert (gpu.rollout.engine.cpu_cores, gpu.trainer.cpu_cores) == (None, None)
+    assert (gpu.rollout.engine.dtype, gpu.rollout.engine.enforce_eager, gpu.trainer.bf16) == ("bfloat16", False, True)
+    assert gpu.trainer.dist_backend == "nccl" and gpu.cluster.rollout_gpus == gpu.cluster.trainer_gpus == 1
+
+
+def test_plugins_named_by_path_are_checked_before_any_engine(tmp_path):
+    """A workflow, sampler or transport that cannot be loaded stops `grove prepare` (and
+    `grove train`) with exit code 2, naming the key."""
+    for override, key in (("rollout.workflow=nosuch", "rollout.workflow"), ("sampling.name=nosuch", "sampling.name"),
+                          ("weight_sync.transport=no.such:Transport", "weight_sync.transport")):
+        out = run_cli("prepare", override)
+        assert out.returncode == 2 and key in out.stderr, (override, out.stderr[-2000:])
 
 
 def run_cli(*args):

@@ -100,3 +100,20 @@ def test_bucketed_pass_equals_one_padded_pass(model):
         single = bucketed_token_logprobs(model, ids, mask, 0.9, overhead_tokens=10**9)
     torch.testing.assert_close(plain[valid], lp_ref[valid].detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, lp_ref.detach())
+
+
+def test_a_packed_batch_follows_the_models_device():
+    """The trainer moves the packed batch to `engine.device`: every tensor goes, none stays behind."""
+    from buffer.types import FinishReason, Group, Trajectory
+    from trainer.policy_trainer import pack_groups
+
+    g = Group(group_id="g", prompt_id="p", prompt_text="", row={})
+    for reward in (0.0, 1.0):
+        t = Trajectory(prompt_id="p", group_id="g", prompt_ids=[3, 4])
+        t.append_tokens([5, 6], [-0.1, -0.2], 0)
+        t.reward, t.finish_reason = reward, FinishReason.STOP
+        g.trajectories.append(t)
+    batch = pack_groups([g], pad_id=0).to("meta")
+    tensors = {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    assert len(tensors) == 7 and all(v.device.type == "meta" for v in tensors.values())
+    assert batch.num_tokens == 4
