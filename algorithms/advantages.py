@@ -2,7 +2,12 @@
 
 A group is the set of responses to one prompt. `group_ids` are arbitrary integer labels
 (not necessarily contiguous or sorted) and groups may differ in size. Group statistics
-are computed with `index_add_`, without a Python loop over groups.
+are computed with `index_add_` and `scatter_reduce`, without a Python loop over groups.
+
+A group whose rewards are all equal (a singleton included) gets exactly 0, in every
+dtype: it is detected by its max == min, not by a small std, because the mean of equal
+non-dyadic rewards (0.7, 0.1, ...) is rounded, and the centred rewards it leaves, divided
+by std + eps, are far from 0 (about 0.06 for eight float32 rewards of 0.7, ~1 in bfloat16).
 
 Adding an estimator: write `fn(rewards, group_ids, cfg) -> advantages` and add it to
 `ADVANTAGE_ESTIMATORS`; `AlgorithmConfig.advantage` then accepts its name.
@@ -30,11 +35,23 @@ def _group_sum(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
     return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
 
 
+def _group_all_equal(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
+    """(G,) bool: whether every member of each group holds the same value (max == min).
+
+    Every group has at least one member (groups come from `_group_index`), so the
+    initial values are never read. A group holding a NaN is not all-equal.
+    """
+    init = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    hi = init.scatter_reduce(0, inverse, values, "amax", include_self=False)
+    lo = init.scatter_reduce(0, inverse, values, "amin", include_self=False)
+    return hi == lo
+
+
 def group_normalized(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     """GRPO (arXiv 2402.03300): A_i = (R_i - mean_g R) / (std_g R + eps).
 
     Unbiased std (n - 1). A group of one response, or whose rewards are all equal,
-    gets advantage 0: it carries no learning signal.
+    gets exactly 0: it carries no learning signal.
 
     rewards: (N,) float; group_ids: (N,) integer labels. Returns (N,).
     """
@@ -43,18 +60,23 @@ def group_normalized(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> T
     mean = _group_sum(rewards, inverse, n.numel()) / n  # (G,)
     centered = rewards - mean[inverse]  # (N,)
     var = _group_sum(centered**2, inverse, n.numel()) / (n - 1).clamp(min=1)  # (G,), 0 for singletons
-    return centered / (var.sqrt()[inverse] + eps)
+    advantages = centered / (var.sqrt()[inverse] + eps)  # (N,)
+    flat = _group_all_equal(rewards, inverse, n.numel())[inverse]  # (N,)
+    return torch.where(flat, torch.zeros_like(advantages), advantages)
 
 
 def mean_only(rewards: Tensor, group_ids: Tensor) -> Tensor:
     """Dr.GRPO (arXiv 2503.20783): A_i = R_i - mean_g R, no std division.
 
     Dividing by the std up-weights prompts that are nearly always right or wrong;
-    Dr.GRPO removes it. rewards: (N,); group_ids: (N,). Returns (N,).
+    Dr.GRPO removes it. A group whose rewards are all equal gets exactly 0.
+    rewards: (N,); group_ids: (N,). Returns (N,).
     """
     inverse, counts = _group_index(group_ids)
     mean = _group_sum(rewards, inverse, counts.numel()) / counts.to(rewards.dtype)  # (G,)
-    return rewards - mean[inverse]
+    advantages = rewards - mean[inverse]  # (N,)
+    flat = _group_all_equal(rewards, inverse, counts.numel())[inverse]  # (N,)
+    return torch.where(flat, torch.zeros_like(advantages), advantages)
 
 
 def novelty_sharpen(

@@ -1,6 +1,9 @@
 """The algorithm's knobs: one dataclass, also the Hydra structured-config schema of `algorithm/`.
 
-Defaults are plain GRPO (arXiv 2402.03300). Field types stay simple (str, int, float,
+Defaults are exactly Grove's GRPO recipe (`algorithm=grpo`, the default): GRPO (arXiv
+2402.03300) with token-mean aggregation and, as every asynchronous run needs, decoupled
+PPO with token TIS. configs/algorithm/grpo.yaml therefore sets only its name, and every
+other recipe there sets only what it changes. Field types stay simple (str, int, float,
 bool, Optional[float]) so OmegaConf can type-check YAML overrides against them.
 Names are checked against the registries themselves, so a new estimator, loss or
 aggregation is accepted here as soon as it is registered.
@@ -23,14 +26,16 @@ REJECTION_MODES = ("none", "token", "sequence")
 class AlgorithmConfig:
     """Advantage estimator, policy loss, aggregation and off-policy correction.
 
-    Combinations the papers use:
+    Combinations the papers use (the recipes in configs/algorithm/ add them to the defaults):
       - GRPO: the defaults (optionally kl_coef=0.001); the paper aggregates with
         seq-mean-token-mean, the default token-mean follows DAPO and current practice.
       - Dr.GRPO (arXiv 2503.20783): advantage="mean_only", loss_agg="seq-mean-token-sum-norm".
-      - DAPO (arXiv 2503.14476): clip_high=0.28, loss_agg="token-mean".
+      - DAPO (arXiv 2503.14476): clip_high=0.28, dynamic_sampling=True.
       - GSPO (arXiv 2507.18071): policy_loss="gspo", clip_low=3e-4, clip_high=4e-4,
         loss_agg="seq-mean-token-mean".
-      - AReaL decoupled PPO (arXiv 2505.24298): decoupled=True, prox_mode as wanted.
+    Off-policy correction is on by default: AReaL decoupled PPO (arXiv 2505.24298,
+    decoupled=True, prox_mode="recompute") with token TIS capped at 2. For synchronous
+    training without it (buffer.max_staleness=0), set decoupled=False, tis="none".
     """
 
     name: str = "grpo"  # free-form label for logs
@@ -54,9 +59,9 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0  # entropy bonus
 
     # Off-policy correction (ALGORITHMS.md section 2).
-    decoupled: bool = False  # AReaL: w = pi_prox / pi_behav (no grad), ratio = pi_theta / pi_prox
+    decoupled: bool = True  # AReaL: w = pi_prox / pi_behav (no grad), ratio = pi_theta / pi_prox
     prox_mode: str = "recompute"  # "recompute" (trainer forward pass) | "loglinear" (version interpolation)
-    tis: str = "none"  # truncated IS: "none" | "token" | "sequence"
+    tis: str = "token"  # truncated IS: "none" | "token" | "sequence"
     tis_cap: float = 2.0  # C in min(rho, C)
     rejection: str = "none"  # drop tokens/sequences whose rho leaves [low, high]: none | token | sequence
     rejection_low: float = 0.5

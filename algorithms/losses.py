@@ -203,12 +203,17 @@ def _seq_mean_token_sum(loss: Tensor, mask: Tensor, constant: Optional[float]) -
 
 
 def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, constant: Optional[float]) -> Tensor:
-    """Dr.GRPO (arXiv 2503.20783), as verl implements it: sum_i sum_t l / L_const.
+    """Dr.GRPO (arXiv 2503.20783) length-unbiased sum: sum_i sum_t l / L_const.
 
     A fixed divisor (L_const = `constant`, default the mask's T) gives every token the same
     weight in every batch, removing GRPO's length bias. Keep T fixed (pad to max length)
     or set the constant, or the weight varies with the padding. Not divided by the number
     of sequences, so the loss scale grows with the batch size.
+
+    verl's mode of the same name differs: since v0.7.1 (PR #5417; same in v0.9.0) its
+    `agg_loss` also divides by G, the number of sequences with at least one trained token
+    (or the global batch size it is passed): (1/G) sum_i sum_t l / L_const. Grove's value
+    is G times verl's. verl v0.7.0 and earlier computed what Grove computes.
     """
     return (loss * mask).sum() / (constant if constant is not None else mask.shape[-1])
 

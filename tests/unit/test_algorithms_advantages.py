@@ -23,13 +23,19 @@ def loop_group_norm(rewards, ids, eps):
     out = []
     for r, g in zip(rewards, ids):
         group = _members(rewards, ids, g)
-        std = statistics.stdev(group) if len(group) > 1 else 0.0
-        out.append((r - statistics.fmean(group)) / (std + eps))
+        if len(set(group)) == 1:  # singleton or all-equal: no signal
+            out.append(0.0)
+            continue
+        out.append((r - statistics.fmean(group)) / (statistics.stdev(group) + eps))
     return out
 
 
 def loop_mean_only(rewards, ids):
-    return [r - statistics.fmean(_members(rewards, ids, g)) for r, g in zip(rewards, ids)]
+    out = []
+    for r, g in zip(rewards, ids):
+        group = _members(rewards, ids, g)
+        out.append(0.0 if len(set(group)) == 1 else r - statistics.fmean(group))
+    return out
 
 
 def loop_novelty(adv, s, ids, lam, kappa):
@@ -81,9 +87,87 @@ def test_group_norm_property(pairs):
 def test_group_norm_degenerate_groups_get_zero():
     rewards = torch.tensor([0.7, 0.3, 0.3, 0.3, 1.0, 1.0])
     ids = torch.tensor([1, 2, 2, 2, 3, 3])  # singleton, all-equal, all-equal
-    torch.testing.assert_close(group_normalized(rewards, ids), torch.zeros(6), atol=1e-6, rtol=0)
+    assert torch.equal(group_normalized(rewards, ids), torch.zeros(6))
     # a single sample overall
     assert group_normalized(torch.tensor([5.0]), torch.tensor([0])).item() == 0.0
+
+
+# --- all-equal groups: exactly 0 in every dtype --------------------------------------------
+# The mean of equal rewards that are not dyadic fractions is rounded, so rewards - mean is a
+# few ulps, not 0; group_norm divides that by std + eps ~ eps (eight float32 0.7s gave ~0.056,
+# sixteen ~0.1, bfloat16 ~1). The trainer builds rewards in float32.
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+NON_DYADIC = [0.7, 0.1, 1 / 3, 0.3, -0.7, 2.2]
+ESTIMATORS = {"group_norm": group_normalized, "mean_only": mean_only}
+# Tolerance of a not-all-equal group against the float64 loop: the statistics are computed
+# in the rewards' dtype, so half-precision types round visibly.
+TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", [2, 3, 7, 8, 16, 64])
+@pytest.mark.parametrize("value", NON_DYADIC)
+def test_all_equal_group_is_exactly_zero(estimator, dtype, size, value):
+    rewards = torch.full((size,), value, dtype=dtype)
+    adv = ESTIMATORS[estimator](rewards, torch.full((size,), 42))
+    assert adv.dtype == dtype
+    assert torch.equal(adv, torch.zeros(size, dtype=dtype)), adv
+
+
+def _mixed_batch(dtype, seed):
+    """Equal and non-equal groups of sizes 7, 8, 16, 64, interleaved, unsorted sparse labels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels, values, flat = [], [], []
+    for k, (size, value) in enumerate(zip([7, 8, 16, 64], [0.7, 0.1, 1 / 3, 0.3])):
+        labels += [1000 - 97 * k] * size  # all equal, non-dyadic
+        values += [value] * size
+        labels += [-3 + 41 * k] * size  # varied: 0/1 plus non-dyadic noise
+        values += (torch.randint(0, 2, (size,), generator=gen) + 0.3 * torch.rand(size, generator=gen)).tolist()
+        flat += [1000 - 97 * k]
+    perm = torch.randperm(len(labels), generator=gen)
+    ids = torch.tensor(labels)[perm]
+    rewards = torch.tensor(values, dtype=torch.float64).to(dtype)[perm]
+    return rewards, ids, torch.isin(ids, torch.tensor(flat))
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_batch_zeroes_equal_groups_and_keeps_the_others(estimator, dtype, seed):
+    rewards, ids, flat = _mixed_batch(dtype, seed)
+    adv = ESTIMATORS[estimator](rewards, ids)
+    assert adv.dtype == dtype
+    assert torch.equal(adv[flat], torch.zeros(int(flat.sum()), dtype=dtype))
+    assert (adv[~flat] != 0).any()
+    exact = rewards.double().tolist()  # the loop sees the same (rounded) rewards, in float64
+    if estimator == "group_norm":
+        expected = loop_group_norm(exact, ids.tolist(), 1e-6)
+    else:
+        expected = loop_mean_only(exact, ids.tolist())
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(adv.double(), torch.tensor(expected, dtype=torch.float64), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_trainer_float32_rewards_all_equal_give_zero(name):
+    # as the trainer calls it: float32 rewards, one group per prompt, through the registry
+    rewards = torch.tensor([0.7] * 8 + [0.1] * 16 + [0.0, 1.0, 0.7, 0.7], dtype=torch.float32)
+    ids = torch.tensor([5] * 8 + [2] * 16 + [9] * 4)
+    adv = compute_advantages(rewards, ids, AlgorithmConfig(advantage=name))
+    assert torch.equal(adv[:24], torch.zeros(24))
+    assert (adv[24:] != 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_novelty_sharpen_keeps_all_equal_groups_at_zero(dtype):
+    rewards, ids, flat = _mixed_batch(dtype, 0)
+    adv = group_normalized(rewards, ids)
+    s = -torch.rand(len(rewards), generator=torch.Generator().manual_seed(1)).to(dtype) * 3  # novel and not
+    out = novelty_sharpen(adv, s, ids, lam=100.0, kappa=0.5)  # a bonus as large as allowed
+    assert torch.equal(out[flat], torch.zeros(int(flat.sum()), dtype=dtype))
+    assert (out[~flat] >= adv[~flat]).all()
 
 
 def test_group_norm_keeps_dtype_and_is_scale_invariant():

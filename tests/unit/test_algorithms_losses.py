@@ -87,6 +87,17 @@ def make_batch(seed=0, B=4, T=6, dtype=torch.float64, spread=0.3):
     return logprobs, old, advantages, mask
 
 
+# AlgorithmConfig() is Grove's GRPO recipe, off-policy correction included (decoupled PPO
+# with token TIS). Tests of the surrogate, the aggregation, KL and entropy, and of one
+# correction at a time, start from the plain loss instead.
+NO_CORRECTION = {"decoupled": False, "tis": "none"}
+
+
+def plain_cfg(**fields) -> AlgorithmConfig:
+    """An AlgorithmConfig without off-policy correction, plus `fields`."""
+    return AlgorithmConfig(**{**NO_CORRECTION, **fields})
+
+
 def run(cfg, logprobs, old, adv, mask, **kw):
     inputs = PolicyLossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, loss_mask=mask, **kw)
     return compute_policy_loss(inputs, cfg)
@@ -139,6 +150,19 @@ def test_seq_mean_token_sum_norm_uses_a_constant_divisor():
     assert _sequence_weights("seq-mean-token-sum-norm", [6, 2], constant=100.0) == pytest.approx([0.06, 0.02])
 
 
+def test_seq_mean_token_sum_norm_is_not_divided_by_the_sequence_count():
+    # Grove: sum_{i,t} l / L_const. verl (>= v0.7.1) also divides by the G non-empty
+    # sequences, so Grove's value is G times verl's; the docstring says so.
+    loss = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)  # one row empty
+    grove = aggregate(loss, mask, "seq-mean-token-sum-norm", constant=10.0)
+    assert grove.item() == pytest.approx((1 + 2 + 3 + 5 + 6) / 10)
+    verl_style = (loss * mask).sum(-1).sum() / (mask.sum(-1) > 0).sum() / 10.0
+    assert grove.item() == pytest.approx(2 * verl_style.item())
+    doubled = aggregate(torch.cat([loss, loss]), torch.cat([mask, mask]), "seq-mean-token-sum-norm", constant=10.0)
+    assert doubled.item() == pytest.approx(2 * grove.item())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_aggregate_all_masked_is_zero_and_differentiable(mode):
     loss = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
@@ -167,14 +191,14 @@ def test_aggregate_unknown_mode():
 @pytest.mark.parametrize("dual_clip", [None, 1.5])
 def test_policy_loss_matches_loop(kind, mode, dual_clip):
     logprobs, old, adv, mask = make_batch(seed=3, spread=0.5)
-    cfg = AlgorithmConfig(policy_loss=kind, loss_agg=mode, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
+    cfg = plain_cfg(policy_loss=kind, loss_agg=mode, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
     expected = loop_loss(logprobs, old, adv, mask, kind=kind, clip=(0.2, 0.28), dual=dual_clip, mode=mode)
     assert run(cfg, logprobs, old, adv, mask).loss.item() == pytest.approx(expected)
 
 
 def test_ppo_clip_flags_match_loop():
     logprobs, old, adv, mask = make_batch(seed=5, spread=0.8)
-    cfg = AlgorithmConfig(clip_low=0.2, clip_high=0.28, dual_clip=2.0)
+    cfg = plain_cfg(clip_low=0.2, clip_high=0.28, dual_clip=2.0)
     m = run(cfg, logprobs, old, adv, mask).metrics
     low = high = dual = n = 0
     ratios = []
@@ -199,7 +223,7 @@ def test_clipped_tokens_get_no_gradient():
     old = torch.zeros(1, 3, dtype=torch.float64)
     logprobs = torch.log(torch.tensor([[1.5, 0.5, 5.0]], dtype=torch.float64)).requires_grad_(True)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    cfg = AlgorithmConfig(dual_clip=3.0, loss_agg="seq-mean-token-sum")
+    cfg = plain_cfg(dual_clip=3.0, loss_agg="seq-mean-token-sum")
     # A > 0, r = 1.5 > 1.2: clipped high
     run(cfg, logprobs, old, torch.tensor([1.0]), mask).loss.backward()
     assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] != 0 and logprobs.grad[0, 2] == 0
@@ -214,7 +238,7 @@ def test_clipped_tokens_get_no_gradient():
 def test_gspo_ratio_is_capped_at_exp10():
     old = torch.zeros(1, 2, dtype=torch.float64)
     logprobs = torch.full((1, 2), 50.0, dtype=torch.float64)
-    cfg = AlgorithmConfig(policy_loss="gspo", clip_high=1e9)  # no clipping: loss = -A * s
+    cfg = plain_cfg(policy_loss="gspo", clip_high=1e9)  # no clipping: loss = -A * s
     out = run(cfg, logprobs, old, torch.tensor([1.0]), torch.ones(1, 2))
     assert out.loss.item() == pytest.approx(-math.exp(10))
 
@@ -224,7 +248,7 @@ def test_gspo_token_equals_gspo_in_value_and_gradient():
     results = []
     for kind in ("gspo", "gspo_token"):
         lp = logprobs.detach().clone().requires_grad_(True)
-        cfg = AlgorithmConfig(policy_loss=kind, clip_low=0.03, clip_high=0.04, loss_agg="seq-mean-token-mean")
+        cfg = plain_cfg(policy_loss=kind, clip_low=0.03, clip_high=0.04, loss_agg="seq-mean-token-mean")
         out = run(cfg, lp, old, adv, mask)
         out.loss.backward()
         results.append((out.loss.item(), lp.grad, out.metrics))
@@ -240,7 +264,7 @@ def test_on_policy_loss_is_minus_mean_advantage(kind):
     old = logprobs.detach().clone()  # ratio = 1 everywhere
     lengths = mask.sum(-1).double()
     # seq-mean-token-mean: -mean_i A_i over non-empty sequences; gradient -A_i / (G |o_i|) per token
-    out = run(AlgorithmConfig(policy_loss=kind, loss_agg="seq-mean-token-mean"), logprobs, old, adv, mask)
+    out = run(plain_cfg(policy_loss=kind, loss_agg="seq-mean-token-mean"), logprobs, old, adv, mask)
     out.loss.backward()
     nonempty = lengths > 0
     assert out.loss.item() == pytest.approx(-adv[nonempty].mean().item())
@@ -248,14 +272,14 @@ def test_on_policy_loss_is_minus_mean_advantage(kind):
     torch.testing.assert_close(logprobs.grad, expected_grad)
     assert out.metrics["ratio_mean"] == pytest.approx(1.0) and out.metrics["approx_kl"] == pytest.approx(0.0)
     # token-mean: -sum_i A_i |o_i| / sum_i |o_i|
-    out = run(AlgorithmConfig(policy_loss=kind), logprobs, old, adv, mask)
+    out = run(plain_cfg(policy_loss=kind), logprobs, old, adv, mask)
     assert out.loss.item() == pytest.approx(-(adv * lengths).sum().item() / lengths.sum().item())
 
 
 def test_per_token_advantages():
     logprobs, old, _, mask = make_batch(seed=2)
     adv = torch.randn(4, 6, dtype=torch.float64)
-    out = run(AlgorithmConfig(), logprobs, old, adv, mask)
+    out = run(plain_cfg(), logprobs, old, adv, mask)
     assert out.loss.item() == pytest.approx(loop_loss(logprobs, old, adv, mask))
 
 
@@ -269,7 +293,7 @@ def test_policy_loss_gradcheck(kind, mode):
     ref = old - 0.1
     entropy = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
     clip = (0.2, 0.28) if kind == "ppo_clip" else (0.03, 0.04)
-    cfg = AlgorithmConfig(
+    cfg = plain_cfg(
         policy_loss=kind, loss_agg=mode, clip_low=clip[0], clip_high=clip[1], dual_clip=3.0, kl_coef=0.1,
         entropy_coef=0.01,
     )
@@ -296,8 +320,8 @@ def test_kl_and_entropy_terms():
     logprobs, old, adv, mask = make_batch(seed=4)
     ref = old + 0.2
     entropy = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
-    base = run(AlgorithmConfig(), logprobs, old, adv, mask).loss
-    cfg = AlgorithmConfig(kl_coef=0.3, entropy_coef=0.05)
+    base = run(plain_cfg(), logprobs, old, adv, mask).loss
+    cfg = plain_cfg(kl_coef=0.3, entropy_coef=0.05)
     out = run(cfg, logprobs, old, adv, mask, ref_logprobs=ref, entropy=entropy)
     kl = aggregate(kl_k3(logprobs, ref), mask, "token-mean")
     ent = aggregate(entropy, mask, "token-mean")
@@ -314,7 +338,7 @@ def test_kl_and_entropy_terms():
 def test_token_tis_caps_the_weight():
     logprobs, old, adv, mask = make_batch(seed=6)
     behav = old - torch.linspace(-1.5, 1.5, 24, dtype=torch.float64).reshape(4, 6)  # rho from e^-1.5 to e^1.5
-    cfg = AlgorithmConfig(tis="token", tis_cap=2.0)
+    cfg = plain_cfg(tis="token", tis_cap=2.0)
     out = run(cfg, logprobs, old, adv, mask, behav_logprobs=behav)
     rho = (old - behav).exp().tolist()
     weight = [[min(r, 2.0) for r in row] for row in rho]
@@ -328,7 +352,7 @@ def test_sequence_tis_uses_the_capped_product():
     logprobs, old, adv, mask = make_batch(seed=6)
     log_rho = [-0.3, 0.4, 0.0, 0.05]  # per token, constant within each sequence
     behav = old - torch.tensor(log_rho, dtype=torch.float64)[:, None]
-    out = run(AlgorithmConfig(tis="sequence", tis_cap=2.0), logprobs, old, adv, mask, behav_logprobs=behav)
+    out = run(plain_cfg(tis="sequence", tis_cap=2.0), logprobs, old, adv, mask, behav_logprobs=behav)
     lengths = mask.sum(-1).tolist()
     seq_w = [min(math.exp(x * n), 2.0) for x, n in zip(log_rho, lengths)]  # min(prod_t rho_t, C)
     assert seq_w[1] == 2.0 and seq_w[0] < 1 and 1 < seq_w[3] < 2
@@ -340,13 +364,13 @@ def test_decoupled_weight_is_constant_and_uncapped():
     logprobs, prox, adv, mask = make_batch(seed=8)
     prox.requires_grad_(True)
     behav = (prox.detach() - 1.0).requires_grad_(True)  # w = e^1 > 2, uncapped without TIS
-    out = run(AlgorithmConfig(decoupled=True), logprobs, prox, adv, mask, behav_logprobs=behav)
+    out = run(plain_cfg(decoupled=True), logprobs, prox, adv, mask, behav_logprobs=behav)
     out.loss.backward()
     assert prox.grad is None and behav.grad is None  # no gradient into pi_prox or pi_behav
     assert out.metrics["is_weight_mean"] == pytest.approx(math.e)
     # gradient = w * the plain PPO gradient with ratio pi_theta / pi_prox
     lp = logprobs.detach().clone().requires_grad_(True)
-    run(AlgorithmConfig(), lp, prox.detach(), adv, mask).loss.backward()
+    run(plain_cfg(), lp, prox.detach(), adv, mask).loss.backward()
     torch.testing.assert_close(logprobs.grad, math.e * lp.grad)
     expected = loop_loss(logprobs, prox.detach(), adv, mask, weight=[[math.e] * 6] * 4)
     assert out.loss.item() == pytest.approx(expected)
@@ -356,6 +380,7 @@ def test_decoupled_with_tis_caps_instead_of_multiplying():
     logprobs, prox, adv, mask = make_batch(seed=8)
     behav = prox - 1.0
     cfg = AlgorithmConfig(decoupled=True, tis="token", tis_cap=2.0)
+    assert cfg == AlgorithmConfig()  # Grove's default correction
     out = run(cfg, logprobs, prox, adv, mask, behav_logprobs=behav)
     assert out.loss.item() == pytest.approx(loop_loss(logprobs, prox, adv, mask, weight=[[2.0] * 6] * 4))
 
@@ -366,7 +391,7 @@ def test_rejection_masks_out_of_range(level):
     shift = torch.zeros(4, 6, dtype=torch.float64)
     shift[0, 1] = 2.0  # one token of sequence 0 with rho = e^2 > 2
     behav = old - shift
-    cfg = AlgorithmConfig(rejection=level, rejection_low=0.5, rejection_high=2.0)
+    cfg = plain_cfg(rejection=level, rejection_low=0.5, rejection_high=2.0)
     out = run(cfg, logprobs, old, adv, mask, behav_logprobs=behav)
     keep = mask.clone()
     if level == "token":
@@ -379,7 +404,7 @@ def test_rejection_masks_out_of_range(level):
 def test_sequence_rejection_drops_the_whole_sequence():
     logprobs, old, adv, mask = make_batch(seed=9)
     behav = old + torch.tensor([[0.0], [1.0], [0.0], [0.0]], dtype=torch.float64)  # seq 1 geo mean e^-1 < 0.5
-    cfg = AlgorithmConfig(rejection="sequence", loss_agg="seq-mean-token-mean")
+    cfg = plain_cfg(rejection="sequence", loss_agg="seq-mean-token-mean")
     out = run(cfg, logprobs, old, adv, mask, behav_logprobs=behav)
     keep = mask.clone()
     keep[1] = False
@@ -403,9 +428,9 @@ def test_importance_weights_off_is_identity():
 
 def test_mismatch_kl_metric():
     logprobs, old, adv, mask = make_batch(seed=1)
-    out = run(AlgorithmConfig(), logprobs, old, adv, mask, behav_logprobs=old.clone())
+    out = run(plain_cfg(), logprobs, old, adv, mask, behav_logprobs=old.clone())
     assert out.metrics["mismatch_kl"] == pytest.approx(0.0)
-    out = run(AlgorithmConfig(), logprobs, old, adv, mask, behav_logprobs=old - 0.5)
+    out = run(plain_cfg(), logprobs, old, adv, mask, behav_logprobs=old - 0.5)
     assert out.metrics["mismatch_kl"] == pytest.approx(math.exp(0.5) - 0.5 - 1)
 
 
@@ -443,10 +468,11 @@ def test_loglinear_mode_equals_recompute_with_the_approximation():
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        (AlgorithmConfig(kl_coef=0.1), "ref_logprobs is required"),
-        (AlgorithmConfig(entropy_coef=0.1), "entropy is required"),
-        (AlgorithmConfig(tis="token"), "behav_logprobs"),
-        (AlgorithmConfig(decoupled=True), "behav_logprobs"),
+        (plain_cfg(kl_coef=0.1), "ref_logprobs is required"),
+        (plain_cfg(entropy_coef=0.1), "entropy is required"),
+        (plain_cfg(tis="token"), "behav_logprobs"),
+        (plain_cfg(decoupled=True), "behav_logprobs"),
+        (AlgorithmConfig(), "behav_logprobs"),  # the default recipe corrects, so it needs them
     ],
 )
 def test_missing_inputs_are_named(cfg, match):
@@ -468,6 +494,9 @@ def test_default_config_is_grpo():
     cfg = AlgorithmConfig()
     assert (cfg.advantage, cfg.policy_loss, cfg.clip_low) == ("group_norm", "ppo_clip", 0.2)
     assert not cfg.needs_reference and AlgorithmConfig(kl_coef=0.001).needs_reference
+    # Grove's GRPO trains asynchronously, so its default carries the off-policy correction
+    assert (cfg.decoupled, cfg.prox_mode, cfg.tis, cfg.tis_cap) == (True, "recompute", "token", 2.0)
+    assert cfg.needs_behav_logprobs and not plain_cfg().needs_behav_logprobs
 
 
 def test_registries_are_accepted_by_config():
@@ -509,5 +538,5 @@ def test_config_rejects_bad_values_with_a_clear_message(field, value, fragment):
 
 def test_config_loglinear_needs_decoupled():
     with pytest.raises(ValueError, match="set algorithm.decoupled=true"):
-        AlgorithmConfig(prox_mode="loglinear")
-    AlgorithmConfig(prox_mode="loglinear", decoupled=True)
+        AlgorithmConfig(prox_mode="loglinear", decoupled=False)
+    AlgorithmConfig(prox_mode="loglinear")  # decoupled is on by default

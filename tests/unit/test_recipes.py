@@ -7,10 +7,13 @@ fails a test.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from algorithms import AlgorithmConfig
 from trainer.cli import CONFIG_DIR
 from trainer.config import GroveConfig, register_configs
 
@@ -66,6 +69,25 @@ def test_recipe_file_names_its_paper(name):
 
 def test_grpo_is_the_default():
     assert load([]).algorithm == load(["algorithm=grpo"]).algorithm
+
+
+def test_dataclass_defaults_are_the_grpo_recipe():
+    # AlgorithmConfig is the schema every recipe is merged onto, so its defaults are GRPO's:
+    # code that builds AlgorithmConfig() gets what `algorithm=grpo` gets.
+    assert AlgorithmConfig() == load(["algorithm=grpo"]).algorithm
+
+
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_recipe_file_states_only_what_differs_from_grpo(name):
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml"), resolve=False)
+    assert raw.pop("name") == name
+    fields = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    assert set(raw) <= fields, f"{name}.yaml sets unknown keys {set(raw) - fields}"
+    defaults = AlgorithmConfig()
+    same = {key: value for key, value in raw.items() if value == getattr(defaults, key)}
+    assert not same, f"{name}.yaml restates GRPO's defaults {same}; state only what the recipe changes"
+    if name == "grpo":
+        assert raw == {}
 
 
 def test_dr_grpo_constant_follows_the_generation_budget():
