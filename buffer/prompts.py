@@ -25,6 +25,9 @@ class PromptItem:
     n_samples: int
     group_id: str = field(default_factory=new_uid)
     start_version: int = 0
+    # Text generated from but not trained on: put before `prompt` for the engine only
+    # (XRPO's in-context seeding); the responses are trained against `prompt` alone.
+    context: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
