@@ -18,9 +18,11 @@ from rewards.api import (
     resolve_reward,
 )
 from rewards.runner import (
+    RewardAlarmError,
     RewardConfig,
     RewardFailureError,
     RewardFunctionConfig,
+    RewardProbeError,
     RewardRequest,
     RewardRunner,
     RewardWorkerError,
@@ -28,9 +30,11 @@ from rewards.runner import (
 
 __all__ = [
     "FAILURE_KINDS",
+    "RewardAlarmError",
     "RewardConfig",
     "RewardFailureError",
     "RewardFunctionConfig",
+    "RewardProbeError",
     "RewardRequest",
     "RewardResult",
     "RewardRunner",

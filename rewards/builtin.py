@@ -137,7 +137,7 @@ def overlong_shaping(length: int, max_len: int, cache_len: int) -> float:
     """DAPO's soft overlong punishment R_len for a response of ``length`` tokens.
 
     0 if L <= max_len - cache_len; (max_len - cache_len - L) / cache_len in between; -1 if
-    L > max_len. Added to the reward, times a factor.
+    L > max_len. The reward :func:`overlong_penalty` adds it, times a factor.
 
     >>> overlong_shaping(80, max_len=100, cache_len=20)
     0.0
@@ -161,12 +161,17 @@ def overlong_penalty(
     response: str = "", response_ids: list[int] | None = None, *, max_len: int, cache_len: int,
     factor: float = 1.0, **kwargs: Any,
 ) -> float:
-    """``factor * overlong_shaping(len(response_ids), max_len, cache_len)``, as a reward to add.
+    """DAPO's overlong reward shaping: ``factor * overlong_shaping(len(response_ids), max_len,
+    cache_len)``, a reward to list next to the task's reward (the one way to get this shaping)::
 
-    Uses the token count when ``response_ids`` are given, else the character count. Combine it
-    with another reward by listing both (weights 1.0), or use the runner's ``overlong_*`` fields.
+        reward.functions=[{fn: exact_match}, {fn: overlong_penalty, kwargs: {max_len: 4096, cache_len: 512}}]
+
+    Uses the response's token count when ``response_ids`` are given, else its character count.
+    ``max_len`` is DAPO's L_max, ``cache_len`` its L_cache (``0 < cache_len <= max_len``).
 
     >>> overlong_penalty(response_ids=[0] * 90, max_len=100, cache_len=20)
+    -0.5
+    >>> overlong_penalty(response_ids=[0] * 101, max_len=100, cache_len=20, factor=0.5)
     -0.5
     """
     length = len(response_ids) if response_ids is not None else len(response)

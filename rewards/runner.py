@@ -4,6 +4,7 @@
 
     runner = RewardRunner(RewardConfig(functions=[RewardFunctionConfig("math_verify")]))
     runner.check_signatures(dataset[0])          # at start-up, before any GPU time is spent
+    runner.probe(dataset[0])                     # ... and call each reward once on that row
     scored = await runner.ascore([RewardRequest(prompt, response, fields=row), ...])
     scored, keep = await runner.ascore_group(requests_of_one_prompt)   # group rewards, drop_group
 
@@ -17,15 +18,26 @@ is replaced. The failure policy (``on_failure``) decides what a failed sample sc
 * ``"stop"``: like ``"score"``, but ``max_consecutive_failures`` failed samples in a row raise
   :class:`RewardFailureError` naming the reward and the last error.
 
+Under every policy, more than ``max_failure_rate`` failed samples among the last
+``failure_window`` scored ones raise :class:`RewardAlarmError` (once the window holds
+``failure_min_samples``), naming the failing rewards.
+
 Costs: the runner sends batches of up to ``max_batch_size`` samples to a worker, which sends
 one small message back per sample; a trivial reward costs tens of microseconds per sample
 (``python scripts/bench_rewards.py``). ``timeout_s`` bounds the scoring of one sample (all its
 per-sample rewards together; for a group reward, the whole group's call).
+
+Sync rewards run one sample at a time in a worker's main thread. After a timeout the runner
+turns *suspect*: the samples still to score in that call (up to ``_PARALLEL_MAX`` = 256 per
+batch) go to a worker that runs each in a thread of its own and times them out itself, so a
+reward that always hangs costs about two timeouts per call, not one per sample. A worker that timed
+out a thread is replaced; a parallel batch without a timeout ends the suspect mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import os
 import pickle
@@ -34,6 +46,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
@@ -48,18 +61,23 @@ from rewards.api import (
     is_async_reward,
 )
 from rewards._worker import Scorer
-from rewards.builtin import overlong_shaping
 
 __all__ = [
+    "RewardAlarmError",
     "RewardConfig",
     "RewardFailureError",
     "RewardFunctionConfig",
+    "RewardProbeError",
     "RewardRequest",
     "RewardRunner",
     "RewardWorkerError",
 ]
 
 _POLICIES = ("score", "drop_group", "stop")
+#: most samples sent to one worker at once in the parallel (suspect) mode, one thread each
+_PARALLEL_MAX = 256
+#: how much of a failure's detail the alarm and the probe quote
+_DETAIL_CHARS = 1500
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_BOOT = (
     "import os, sys\n"
@@ -93,9 +111,8 @@ class RewardFunctionConfig:
 class RewardConfig:
     """How samples are scored. A plain dataclass: usable as a Hydra structured-config schema.
 
-    The reward is ``sum(weight_i * reward_i)`` plus, when ``overlong_max_len`` and
-    ``overlong_cache_len`` are set, ``overlong_factor * R_len`` (DAPO's overlong shaping, on
-    the response's token count).
+    The reward is ``sum(weight_i * reward_i)``. (DAPO's overlong shaping is the reward
+    ``overlong_penalty``: list it in ``functions``.)
     """
 
     functions: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
@@ -107,6 +124,12 @@ class RewardConfig:
     on_failure: str = "score"
     failure_score: float = 0.0
     max_consecutive_failures: int = 20
+    #: raise RewardAlarmError when MORE than this share of the last ``failure_window`` scored
+    #: samples failed (any policy); 1.0 disables the alarm
+    max_failure_rate: float = 0.5
+    failure_window: int = 256
+    #: no alarm before the window holds this many samples
+    failure_min_samples: int = 32
     #: a result (score + info) larger than this, pickled, is an "oversized" failure
     max_result_bytes: int = 65536
     #: False runs rewards in the caller's process: fast, for trusted code; exceptions, NaN etc.
@@ -114,9 +137,6 @@ class RewardConfig:
     isolated: bool = True
     #: folders added to sys.path (after the launching directory) to import reward modules
     search_paths: list[str] = field(default_factory=list)
-    overlong_max_len: int | None = None
-    overlong_cache_len: int | None = None
-    overlong_factor: float = 1.0
     #: most samples sent to one worker at once
     max_batch_size: int = 32
     #: a worker must be ready within this (imports, warm-up) or start-up fails
@@ -139,12 +159,18 @@ class RewardConfig:
             raise ValueError("reward.max_batch_size must be >= 1")
         if not self.functions:
             raise ValueError("reward.functions is empty: list at least one reward, e.g. [{fn: exact_match}]")
-        if (self.overlong_max_len is None) != (self.overlong_cache_len is None):
-            raise ValueError("set both reward.overlong_max_len and reward.overlong_cache_len, or neither")
-        if self.overlong_max_len is not None and not 0 < self.overlong_cache_len <= self.overlong_max_len:
+        if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ValueError(
-                f"reward.overlong_cache_len={self.overlong_cache_len} must be in (0, overlong_max_len="
-                f"{self.overlong_max_len}]"
+                f"reward.max_failure_rate={self.max_failure_rate}: must be a share between 0 and 1 "
+                f"(e.g. 0.5; 1.0 disables the failure alarm)"
+            )
+        if self.failure_window < 1:
+            raise ValueError(f"reward.failure_window={self.failure_window}: must be >= 1 samples (default 256)")
+        if not 1 <= self.failure_min_samples <= self.failure_window:
+            raise ValueError(
+                f"reward.failure_min_samples={self.failure_min_samples}: must be between 1 and "
+                f"reward.failure_window={self.failure_window} (default 32); to disable the alarm, "
+                f"set reward.max_failure_rate=1.0"
             )
 
     @classmethod
@@ -205,6 +231,25 @@ class RewardFailureError(RuntimeError):
 
 class RewardWorkerError(RuntimeError):
     """A reward worker process could not start (the rewards fail to import in a fresh process)."""
+
+
+class RewardAlarmError(RuntimeError):
+    """More than ``max_failure_rate`` of the last ``failure_window`` scored samples failed."""
+
+
+class RewardProbeError(ValueError):
+    """A reward failed when :meth:`RewardRunner.probe` called it on the first dataset row."""
+
+
+class _Drain:
+    """The work of one ``_run_items`` call: item indices still to send, shared by its tasks."""
+
+    __slots__ = ("queue", "size", "parallel_ok")
+
+    def __init__(self, n: int, size: int):
+        self.queue: deque[int] = deque(range(n))
+        self.size = size
+        self.parallel_ok = True  # False after a parallel batch crashed or wedged its worker
 
 
 def _describe_exit(rc: int | None) -> str:
@@ -280,7 +325,6 @@ class RewardRunner:
             None if any(params[i].var_keyword for i in self._sample_fns)
             else frozenset().union(*(params[i].names for i in self._sample_fns))
         )
-        self._overlong = self.cfg.overlong_max_len is not None
         # worker pool (isolated mode)
         self._workers: list[_Worker | None] = [None] * self.cfg.num_workers
         self._idle: asyncio.Queue | None = None
@@ -288,6 +332,7 @@ class RewardRunner:
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
         self._warmed = False
         self._closed = False
+        self._suspect = False  # a sync reward timed out: run the next batch in parallel mode
         # metrics
         self._consecutive = 0
         self._counts = {k: 0 for k in FAILURE_KINDS}
@@ -297,6 +342,9 @@ class RewardRunner:
         self._window_latency: list[float] = []
         self._window_samples = 0
         self._window_failures = 0
+        # the failure alarm: None for a scored sample, (reward, kind, detail) for a failed one
+        self._recent: deque[tuple[str, str, str] | None] = deque(maxlen=self.cfg.failure_window)
+        self._recent_failures = 0
         if example_row is not None:
             self.check_signatures(example_row)
 
@@ -333,9 +381,9 @@ class RewardRunner:
             return []
         items = [("sample", self._sample_fns, self._sample_kwargs(r)) for r in requests]
         results = await self._run_items(items)
-        samples = [self._combine(r, [(i, e) for i, e in zip(self._sample_fns, res[0])])
-                   for r, res in zip(requests, results)]
-        self._account(samples, [res[1] for res in results])
+        combined = [self._combine(list(zip(self._sample_fns, res[0]))) for res in results]
+        samples = [c[0] for c in combined]
+        self._account(samples, [res[1] for res in results], [c[1] for c in combined])
         return samples
 
     async def ascore_group(self, requests: Sequence[RewardRequest]) -> tuple[list[ScoredSample], bool]:
@@ -363,8 +411,8 @@ class RewardRunner:
         results = await self._run_items(items) if items else []
         out = []
         for reqs, (first, group_item) in zip(groups, layout):
-            samples, latencies = [], []
-            for k, req in enumerate(reqs):
+            samples, latencies, sources = [], [], []
+            for k in range(len(reqs)):
                 entries = []
                 if self._sample_fns:
                     res = results[first + k]
@@ -376,17 +424,72 @@ class RewardRunner:
                         entries.append((i, e[1][k] if e[0] == "group" else e))
                     if not self._sample_fns:
                         latencies.append(g_seconds / max(1, len(reqs)))
-                samples.append(self._combine(req, entries))
+                sample, source = self._combine(entries)
+                samples.append(sample)
+                sources.append(source)
             keep = not (self.cfg.on_failure == "drop_group" and any(s.failed for s in samples))
             if not keep:
                 self._dropped_groups += 1
-            self._account(samples, latencies)
+            self._account(samples, latencies, sources)
             out.append((samples, keep))
         return out
 
     def score(self, requests: Sequence[RewardRequest]) -> list[ScoredSample]:
         """Synchronous :meth:`ascore`, for scripts and tests (not inside a running event loop)."""
         return asyncio.run(self.ascore(requests))
+
+    def probe(self, row: Mapping[str, Any], prompt_key: str = "prompt", response: str | None = None) -> None:
+        """The start-up check: call every reward once on one dataset row (row 0 by convention).
+
+        The request is ``prompt=row[prompt_key]``, ``response`` (default: ``str(row["answer"])``
+        when the row has an ``answer``, else ``""``) and the row's fields; group rewards get a
+        group of that one response. Raises :class:`rewards.api.RewardSignatureError` if a reward
+        cannot take the row, and :class:`RewardProbeError` naming each reward that failed on it
+        (exception, timeout, nan, ...). Synchronous; starts the isolated workers (which then
+        stay up). The probe is a check, not training data: it feeds neither :meth:`metrics` nor
+        the failure alarm. Call it before scoring starts, not while scoring calls are in flight.
+        """
+        if prompt_key not in row:
+            raise ValueError(
+                f"reward start-up check: the first dataset row has no field {prompt_key!r} (the prompt key); "
+                f"its fields: {sorted(row)}"
+            )
+        self.check_signatures(row)
+        if response is None:
+            response = str(row["answer"]) if "answer" in row else ""
+        prompt = row[prompt_key]
+        req = RewardRequest(prompt=prompt, response=response, fields=dict(row))
+        items: list[tuple] = []
+        if self._sample_fns:
+            items.append(("sample", self._sample_fns, self._sample_kwargs(req)))
+        if self._group_fns:
+            items.append(("group", self._group_fns, self._group_kwargs([req])))
+        saved = (self._restarts, self._suspect)
+        try:
+            results = _run_sync(self._run_items(items))
+        finally:
+            self._restarts, self._suspect = saved
+        entries: list[tuple[int, tuple]] = []
+        if self._sample_fns:
+            entries += zip(self._sample_fns, results[0][0])
+        if self._group_fns:
+            for i, e in zip(self._group_fns, results[-1][0]):
+                entries.append((i, e[1][0] if e[0] == "group" else e))
+        failed = [(self._names[i], e[1], e[2]) for i, e in entries if e[0] == "fail"]
+        if not failed:
+            return
+        shown = repr(prompt)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        lines = [
+            f"the reward start-up check failed: it calls each reward once on the first dataset row "
+            f"(row 0, prompt {shown}, response {response[:200]!r}), and {len(failed)} of "
+            f"{len(entries)} reward(s) failed on it:"
+        ]
+        for name, kind, detail in failed:
+            lines.append(f"- reward {name!r}: {kind} on row 0:\n{_tail(detail)}")
+        lines.append("Fix the reward (or its kwargs in reward.functions, or the dataset row) before training.")
+        raise RewardProbeError("\n".join(lines))
 
     def metrics(self) -> dict[str, float]:
         """Counters for logging.
@@ -461,13 +564,14 @@ class RewardRunner:
         )
         return kw
 
-    def _combine(self, req: RewardRequest, entries: list[tuple[int, tuple]]) -> ScoredSample:
+    def _combine(self, entries: list[tuple[int, tuple]]) -> tuple[ScoredSample, str | None]:
+        """The weighted sample, and the name of the reward that failed it (or None)."""
         total = 0.0
         info: dict[str, float] = {}
         single = len(self._fns) == 1
         for i, e in entries:
             if e[0] == "fail":
-                return ScoredSample(None, {}, e[1], f"reward {self._names[i]!r}: {e[2]}")
+                return ScoredSample(None, {}, e[1], f"reward {self._names[i]!r}: {e[2]}"), self._names[i]
             _, score, fn_info = e
             total += self._weights[i] * score
             if single:
@@ -476,27 +580,27 @@ class RewardRunner:
                 info[self._names[i]] = score
                 for k, v in fn_info.items():
                     info[f"{self._names[i]}/{k}"] = v
-        if self._overlong:
-            length = len(req.response_ids) if req.response_ids is not None else len(req.response)
-            pen = self.cfg.overlong_factor * overlong_shaping(
-                length, self.cfg.overlong_max_len, self.cfg.overlong_cache_len)
-            total += pen
-            info["overlong_penalty"] = pen
         if not math.isfinite(total):
-            return ScoredSample(None, {}, "nan", f"the weighted total is {total}")
-        return ScoredSample(total, info)
+            return ScoredSample(None, {}, "nan", f"the weighted total is {total}"), "(weighted total)"
+        return ScoredSample(total, info), None
 
-    def _account(self, samples: list[ScoredSample], latencies: list[float]) -> None:
-        """Count, apply the failure policy (in request order), maybe stop."""
+    def _account(self, samples: list[ScoredSample], latencies: list[float], sources: list[str | None]) -> None:
+        """Count, apply the failure policy (in request order), maybe stop or raise the alarm."""
         cfg = self.cfg
         self._samples += len(samples)
         self._window_samples += len(samples)
         self._window_latency.extend(latencies)
+        recent = self._recent
         stop_with: ScoredSample | None = None
-        for s in samples:
+        for s, source in zip(samples, sources):
+            if len(recent) == recent.maxlen and recent[0] is not None:
+                self._recent_failures -= 1
             if not s.failed:
+                recent.append(None)
                 self._consecutive = 0
                 continue
+            recent.append((source or "?", s.failure, s.detail))
+            self._recent_failures += 1
             self._counts[s.failure] += 1
             self._window_failures += 1
             self._consecutive += 1
@@ -511,6 +615,36 @@ class RewardRunner:
                 f"{stop_with.detail[-1500:]}\nFailures so far: {counts}. Fix the reward, or set "
                 f"reward.on_failure=score to score failed samples as {cfg.failure_score} and go on."
             )
+        n = len(recent)
+        if n >= cfg.failure_min_samples and self._recent_failures > cfg.max_failure_rate * n:
+            self._raise_alarm()
+
+    def _raise_alarm(self) -> None:
+        cfg = self.cfg
+        n, failed = len(self._recent), self._recent_failures
+        kinds: dict[str, Counter] = {}
+        example = None
+        for entry in self._recent:
+            if entry is not None:
+                kinds.setdefault(entry[0], Counter())[entry[1]] += 1
+                example = entry
+        lines = [
+            f"reward failure alarm: {failed} of the last {n} scored samples failed ({failed / n:.0%}), more "
+            f"than reward.max_failure_rate={cfg.max_failure_rate} (window: the last "
+            f"reward.failure_window={cfg.failure_window} samples). Failing rewards in this window:"
+        ]
+        for name, counts in kinds.items():
+            lines.append(f"- reward {name!r}: " + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
+        if example is not None:
+            lines.append(f"Latest failure (reward {example[0]!r}, {example[1]}):\n{_tail(example[2])}")
+        lines.append(
+            "Fix the reward, or raise reward.max_failure_rate if this share of failures is expected "
+            "(reward.max_failure_rate=1.0 disables this alarm)."
+        )
+        # a caller that catches the alarm and goes on starts a fresh window
+        self._recent.clear()
+        self._recent_failures = 0
+        raise RewardAlarmError("\n".join(lines))
 
     # ---- execution -------------------------------------------------------------------------
 
@@ -522,10 +656,13 @@ class RewardRunner:
             return await self._run_inprocess(items)
         self._bind_loop()
         n = len(items)
+        if not n:
+            return []
         size = max(1, min(self.cfg.max_batch_size, math.ceil(n / self.cfg.num_workers)))
         results: list[Any] = [None] * n
-        chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-        tasks = [asyncio.ensure_future(self._run_chunk(c, items, results)) for c in chunks]
+        drain = _Drain(n, size)
+        n_tasks = min(self.cfg.num_workers, math.ceil(n / size))
+        tasks = [asyncio.ensure_future(self._drain(drain, items, results)) for _ in range(n_tasks)]
         try:
             await asyncio.gather(*tasks)
         except BaseException:  # e.g. RewardWorkerError or cancellation: stop the other chunks too
@@ -586,23 +723,38 @@ class RewardRunner:
             for slot in range(self.cfg.num_workers):
                 self._idle.put_nowait(slot)
 
-    async def _run_chunk(self, idxs: list[int], items: list[tuple], results: list) -> None:
-        pending = idxs
+    async def _drain(self, drain: _Drain, items: list[tuple], results: list) -> None:
+        """Take batches off the call's queue until it is empty: ``size`` items normally; in the
+        suspect mode (sync rewards, after a timeout) all that remain, up to ``_PARALLEL_MAX``,
+        run in parallel."""
         stalls = 0
-        while pending:
-            if stalls >= 3:  # fresh workers keep dying before taking any work: give up on these
-                for i in pending:
-                    detail = "reward workers kept dying before scoring this sample"
-                    results[i] = ([("fail", "crashed", detail)] * len(items[i][1]), 0.0)
-                return
+        queue = drain.queue
+        while queue:
             slot = await self._idle.get()
             try:
+                if not queue:
+                    return
+                parallel = self._suspect and drain.parallel_ok and not self._concurrent
+                take = min(len(queue), _PARALLEL_MAX if parallel else drain.size)
+                idxs = [queue.popleft() for _ in range(take)]
                 worker = await self._live_worker(slot)
-                before = len(pending)
-                pending = await self._exchange(slot, worker, pending, items, results)
-                stalls = stalls + 1 if len(pending) == before else 0
+                left, event = await self._exchange(slot, worker, idxs, items, results, parallel)
+                if event == "timeout" and not self._concurrent:
+                    self._suspect = True
+                elif event == "clean":
+                    self._suspect = False
+                elif event == "broken":  # which item broke the worker is unknown: find it sequentially
+                    drain.parallel_ok = False
             finally:
                 self._idle.put_nowait(slot)
+            stalls = stalls + 1 if left and len(left) == len(idxs) else 0
+            if stalls >= 3:  # fresh workers keep failing before scoring anything: give up on these
+                for i in left:
+                    detail = "reward workers kept dying before scoring this sample"
+                    results[i] = ([("fail", "crashed", detail)] * len(items[i][1]), 0.0)
+                stalls = 0
+                continue
+            queue.extendleft(reversed(left))
 
     async def _live_worker(self, slot: int) -> _Worker:
         """The worker of a slot the caller holds: started if it is not, restarted if it died."""
@@ -676,11 +828,12 @@ class RewardRunner:
                 timer.cancel()
         return conn.recv()
 
-    def _send_batch(self, worker: _Worker, idxs: list[int], items: list[tuple], results: list) -> list[int]:
+    def _send_batch(self, worker: _Worker, idxs: list[int], items: list[tuple], results: list,
+                    parallel: bool = False) -> list[int]:
         """Send what pickles; mark the rest as failed. Returns the indices sent."""
         payload = [(i, *items[i]) for i in idxs]
         try:
-            data = pickle.dumps(("batch", payload), protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(("batch", payload, parallel), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - find the samples whose fields do not pickle
             good = []
             for i in idxs:
@@ -693,21 +846,34 @@ class RewardRunner:
             idxs = good
             if not idxs:
                 return []
-            data = pickle.dumps(("batch", [(i, *items[i]) for i in idxs]), protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(("batch", [(i, *items[i]) for i in idxs], parallel),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         worker.wconn.send_bytes(data)
         return idxs
 
     async def _exchange(self, slot: int, worker: _Worker, idxs: list[int], items: list[tuple],
-                        results: list) -> list[int]:
-        """Run ``idxs`` on ``worker``; returns indices still to run (after a kill)."""
+                        results: list, parallel: bool = False) -> tuple[list[int], str | None]:
+        """Run ``idxs`` on ``worker``; returns the indices still to run (after a kill) and what
+        happened: ``"timeout"`` (a sample timed out), ``"clean"`` (a parallel batch without a
+        timeout), ``"broken"`` (a parallel batch's worker died or wedged) or None."""
         try:
-            idxs = self._send_batch(worker, idxs, items, results)
+            idxs = self._send_batch(worker, idxs, items, results, parallel)
         except (BrokenPipeError, ConnectionError, OSError):
             # died while idle (e.g. killed from outside): not these samples' fault, retry them
             self._replace(slot)
-            return idxs
+            return idxs, None
+        if not idxs:  # nothing could be sent (every sample's fields failed to pickle)
+            return [], None
         pending = dict.fromkeys(idxs)
-        timeout = self.cfg.timeout_s + (0.5 if self._concurrent else 0.05)
+        if self._concurrent:
+            timeout = self.cfg.timeout_s + 0.5
+        elif parallel:
+            # the worker times items out itself and sends a tick at least every timeout_s/4 or
+            # 0.5 s: this only catches a worker wedged (e.g. C code holding the interpreter lock)
+            timeout = 2 * self.cfg.timeout_s + 1.0
+        else:
+            timeout = self.cfg.timeout_s + 0.05
+        timed_out = False
         try:
             try:
                 ack = await self._recv(worker, timeout)
@@ -715,7 +881,7 @@ class RewardRunner:
                 ack = None
             if not ack or ack[0] != "ack":  # gone before taking the batch: not these samples' fault
                 self._replace(slot)
-                return idxs
+                return idxs, None
             while pending:
                 try:
                     msg = await self._recv(worker, timeout)
@@ -732,22 +898,36 @@ class RewardRunner:
                     detail = (f"the reward worker died while scoring this sample ({_describe_exit(rc)}); "
                               f"it was replaced")
                 else:
-                    _, item_id, out, seconds = msg
-                    results[item_id] = (out, seconds)
-                    del pending[item_id]
+                    if msg[0] == "tick":
+                        continue
+                    tag, item_id, out, seconds = msg
+                    if item_id in pending:
+                        results[item_id] = (out, seconds)
+                        del pending[item_id]
+                        timed_out = timed_out or tag == "timeout"
                     continue
                 self._replace(slot)
+                if parallel:
+                    # Every pending sample was running: which one killed or wedged the worker is
+                    # unknown. None is blamed; they go back, and the rest of this call runs
+                    # sequentially, where the culprit is the sample that was running.
+                    return list(pending), "broken"
                 # Sync rewards run one sample at a time, in order: only the first pending sample
                 # was running; the rest go to the new worker. Async rewards run together.
                 guilty = list(pending) if self._concurrent else [next(iter(pending))]
                 for i in guilty:
                     results[i] = ([("fail", kind, detail)] * len(items[i][1]), self.cfg.timeout_s)
                     del pending[i]
-                return list(pending)
+                return list(pending), ("timeout" if kind == "timeout" else None)
         except BaseException:  # cancelled mid-batch: the worker's state is unknown
             self._replace(slot)
             raise
-        return []
+        if parallel:
+            if timed_out:  # its hung threads cannot be stopped: replace the process
+                self._replace(slot)
+                return [], "timeout"
+            return [], "clean"
+        return [], None
 
     def _replace(self, slot: int) -> None:
         worker = self._workers[slot]
@@ -755,3 +935,20 @@ class RewardRunner:
             worker.kill()
             self._workers[slot] = None
             self._restarts += 1
+
+
+def _tail(detail: str) -> str:
+    """The end of a failure's detail (where a traceback names the error), at most
+    ``_DETAIL_CHARS`` characters."""
+    return detail if len(detail) <= _DETAIL_CHARS else "..." + detail[-_DETAIL_CHARS:]
+
+
+def _run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from synchronous code, even if this thread already runs an
+    event loop (then on a helper thread, blocking the caller as a synchronous call does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -114,9 +114,13 @@ def test_bad_override_on_a_recipe_names_the_field():
         load(["algorithm=gspo", "algorithm.clip_low=1.5"])
 
 
-def test_dapo_overlong_shaping_is_a_reward_override():
-    cfg = load(["algorithm=dapo", "reward.overlong_max_len=8", "reward.overlong_cache_len=4"])
-    assert (cfg.reward.overlong_max_len, cfg.reward.overlong_cache_len, cfg.reward.overlong_factor) == (8, 4, 1.0)
+def test_dapo_overlong_shaping_is_one_more_reward():
+    cfg = load(["algorithm=dapo", "reward.functions=[{fn: exact_match}, "
+                "{fn: overlong_penalty, kwargs: {max_len: 8, cache_len: 4}}]"])
+    assert [f.fn for f in cfg.reward.functions] == ["exact_match", "overlong_penalty"]
+    assert cfg.reward.functions[1].kwargs == {"max_len": 8, "cache_len": 4}
+    with pytest.raises(Exception, match="overlong_max_len"):  # the old option is gone
+        load(["algorithm=dapo", "reward.overlong_max_len=8"])
 
 
 def test_xrpo_composes_with_its_knobs_but_is_refused():

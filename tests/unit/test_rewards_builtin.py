@@ -85,6 +85,31 @@ def test_overlong_penalty_reward_and_errors():
     assert overlong_penalty(response="x" * 90, max_len=100, cache_len=20) == pytest.approx(-0.5)
     with pytest.raises(ValueError):
         overlong_shaping(5, max_len=10, cache_len=0)
+    with pytest.raises(ValueError):
+        overlong_penalty(response_ids=[1] * 5, max_len=10, cache_len=11)
+
+
+def _dapo_r_len(length: int, l_max: int, l_cache: int) -> float:
+    """DAPO (arXiv 2503.14476) eq. 13, written out independently."""
+    if length <= l_max - l_cache:
+        return 0.0
+    if length <= l_max:
+        return ((l_max - l_cache) - length) / l_cache
+    return -1.0
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("l_max, l_cache", [(100, 20), (4096, 512), (16, 16), (10, 1)])
+def test_overlong_penalty_is_dapo_r_len_on_the_token_count(l_max, l_cache, factor):
+    """The one implementation of DAPO's overlong shaping (the runner's overlong_* options are
+    gone). The token count wins over the text: here the text is always short."""
+    for length in sorted({0, 1, l_max - l_cache, l_max - l_cache + 1, (2 * l_max - l_cache) // 2,
+                          l_max - 1, l_max, l_max + 1, 3 * l_max}):
+        if length < 0:
+            continue
+        got = overlong_penalty(response="x", response_ids=[7] * length, max_len=l_max, cache_len=l_cache,
+                               factor=factor)
+        assert got == pytest.approx(factor * _dapo_r_len(length, l_max, l_cache)), length
 
 
 def test_extract_code():

@@ -12,10 +12,13 @@ import time
 import pytest
 
 from rewards.api import FAILURE_KINDS, RewardSignatureError, RewardSpecError
+from rewards._worker import Scorer, run_parallel
 from rewards.runner import (
+    RewardAlarmError,
     RewardConfig,
     RewardFailureError,
     RewardFunctionConfig,
+    RewardProbeError,
     RewardRequest,
     RewardRunner,
     RewardWorkerError,
@@ -23,7 +26,7 @@ from rewards.runner import (
 
 USER_REWARDS = textwrap.dedent(
     """
-    import asyncio, math, os, sys
+    import asyncio, math, os, sys, threading, time
     from rewards.api import RewardResult, register_reward
 
     def chaos(response, **kwargs):
@@ -91,6 +94,37 @@ USER_REWARDS = textwrap.dedent(
             while True:
                 pass
         return [float("nan") if r == "nan" else 1.0 for r in responses]
+
+    def sleepy(response, **kwargs):
+        # Hangs on "hang..." (asleep: the interpreter lock is free) and "spin..." (a busy loop);
+        # "busy..." uses 50 ms of CPU ("busy:200": 200 ms). Scores the length, plus 100 off the
+        # main thread (i.e. in the runner's parallel mode).
+        if response.startswith("hang"):
+            time.sleep(3600)
+        if response.startswith("spin"):
+            while True:
+                pass
+        if response.startswith("busy"):
+            seconds = int(response.split(":")[1]) / 1000 if ":" in response else 0.05
+            t = time.thread_time()
+            while time.thread_time() - t < seconds:
+                pass
+        return len(response) + (0.0 if threading.current_thread() is threading.main_thread() else 100.0)
+
+    def always_raises(response, **kwargs):
+        raise ValueError(f"the grader is broken for {response!r}")
+
+    def fails_30_percent(response, **kwargs):
+        if int(response) % 10 < 3:
+            raise RuntimeError("one of the 30%")
+        return 1.0
+
+    def needs_answer(prompt, response, answer, **kwargs):
+        if response != str(answer):
+            raise AssertionError(f"probe response {response!r} is not the answer {answer!r}")
+        if prompt != "2+2=":
+            raise AssertionError(f"probe prompt {prompt!r}")
+        return 1.0
 
     if "rewards._worker" in sys.modules and os.environ.get("GROVE_TEST_FAIL_IN_WORKER"):
         raise RuntimeError("this module refuses to load in a worker")
@@ -185,23 +219,24 @@ def test_async_rewards_run_concurrently(user_file):
 
 
 def test_combination_weights_info_and_overlong(user_file):
-    cfg = RewardConfig(
-        functions=[
-            RewardFunctionConfig("exact_match", weight=1.0),
-            fn(user_file, "length", weight=0.5, name="len"),
-            RewardFunctionConfig("regex_format", weight=0.25, kwargs={"pattern": r"^\d+$"}),
-        ],
-        overlong_max_len=10, overlong_cache_len=4, overlong_factor=2.0,
-    )
+    """DAPO's overlong shaping is one more reward in the list (the only way to get it)."""
+    cfg = RewardConfig.from_any({"functions": [
+        {"fn": "exact_match", "weight": 1.0},
+        {"fn": f"{user_file}:length", "weight": 0.5, "name": "len"},
+        {"fn": "regex_format", "weight": 0.25, "kwargs": {"pattern": r"^\d+$"}},
+        {"fn": "overlong_penalty", "kwargs": {"max_len": 10, "cache_len": 4, "factor": 2.0}},
+    ]})
     with RewardRunner(cfg) as runner:
-        assert runner.names == ["exact_match", "len", "regex_format"]
-        out = runner.score([req("12", "12", response_ids=[0] * 8), req("ab", "12", response_ids=[0] * 3)])
-    # sample 0: 1 + 0.5*0.2 + 0.25*1 + 2*(-(8-6)/4)
+        assert runner.names == ["exact_match", "len", "regex_format", "overlong_penalty"]
+        out = runner.score([req("12", "12", response_ids=[0] * 8), req("ab", "12", response_ids=[0] * 3),
+                            req("12", "12", response_ids=[0] * 11)])
+    # sample 0: 1 + 0.5*0.2 + 0.25*1 + 2*(-(8-6)/4): 8 tokens, in the cache band (6, 10]
     assert out[0].score == pytest.approx(1 + 0.1 + 0.25 - 1.0)
     assert out[0].info == pytest.approx(
         {"exact_match": 1.0, "len": 0.2, "len/chars": 2.0, "regex_format": 1.0, "overlong_penalty": -1.0}
     )
-    assert out[1].score == pytest.approx(0.1) and out[1].info["overlong_penalty"] == 0.0
+    assert out[1].score == pytest.approx(0.1) and out[1].info["overlong_penalty"] == 0.0  # 3 <= 6 tokens
+    assert out[2].info["overlong_penalty"] == pytest.approx(-2.0)  # 11 > max_len tokens: -1 x factor
 
 
 def test_dict_target_entries_and_duplicate_names():
@@ -455,8 +490,14 @@ def test_worker_that_cannot_load_fails_clearly(user_file, monkeypatch):
         ({"num_workers": 0}, "num_workers"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"functions": []}, "functions is empty"),
-        ({"overlong_max_len": 10}, "overlong"),
-        ({"overlong_max_len": 10, "overlong_cache_len": 20}, "overlong_cache_len"),
+        # the runner's overlong options are gone: the reward overlong_penalty is the one way
+        ({"overlong_max_len": 10, "overlong_cache_len": 4}, "unknown reward config key.*overlong"),
+        ({"overlong_factor": 2.0}, "unknown reward config key"),
+        ({"max_failure_rate": 1.5}, "max_failure_rate=1.5.*1.0 disables"),
+        ({"max_failure_rate": -0.1}, "max_failure_rate"),
+        ({"failure_window": 0}, "failure_window=0"),
+        ({"failure_min_samples": 0}, "failure_min_samples=0"),
+        ({"failure_window": 16, "failure_min_samples": 32}, "failure_min_samples=32.*failure_window=16"),
         ({"bogus": 1}, "unknown reward config key"),
         ({"functions": [{"fn": "exact_match", "wieght": 2}]}, "unknown key"),
     ],
@@ -478,6 +519,19 @@ def test_config_as_hydra_structured_schema():
     with RewardRunner(merged) as runner:
         assert runner.score([req("abc")])[0].score == 0.5
     assert isinstance(omegaconf.OmegaConf.to_object(merged), RewardConfig)
+
+
+def test_removed_overlong_options_are_refused_everywhere():
+    """reward.overlong_* are gone: the reward overlong_penalty is the one way to shape length."""
+    with pytest.raises(TypeError, match="overlong_max_len"):
+        RewardConfig(overlong_max_len=10, overlong_cache_len=4)
+    with pytest.raises(ValueError, match="overlong_cache_len"):
+        RewardConfig.from_any({"overlong_cache_len": 4})
+    import omegaconf  # the trainer's config schema
+
+    base = omegaconf.OmegaConf.structured(RewardConfig)
+    with pytest.raises(omegaconf.errors.ConfigKeyError, match="overlong_max_len"):
+        omegaconf.OmegaConf.merge(base, omegaconf.OmegaConf.from_dotlist(["overlong_max_len=8"]))
 
 
 def test_astart_starts_every_worker_before_the_first_score(user_file):
@@ -532,11 +586,258 @@ def test_code_reward_killed_by_runner_timeout_takes_its_sandbox_down():
     )
     row = {"tests": [{"input": "", "output": "x"}]}
     with RewardRunner(cfg, example_row=row) as runner:
+        # the first sleeper is killed with its worker; the second times out in a thread of the
+        # parallel mode, and its worker (with the sandbox) is replaced after the batch
         out = runner.score([RewardRequest("p", "import time\ntime.sleep(30)", fields=row),
+                            RewardRequest("p", "import time\ntime.sleep(31)", fields=row),
                             RewardRequest("p", "print('x')", fields=row)])
-        assert out[0].failure == "timeout"
-        assert out[1].failure is None and out[1].score == 1.0 and out[1].info["passed"] == 1.0
+        assert [s.failure for s in out] == ["timeout", "timeout", None]
+        assert out[2].score == 1.0 and out[2].info["passed"] == 1.0
+        assert runner.metrics()["reward/worker_restarts"] == 2
     deadline = time.monotonic() + 3
     while _sandbox_boots() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _sandbox_boots() - before, "the sandbox outlived its killed reward worker"
+
+
+# --- hanging rewards time out concurrently --------------------------------------------------
+
+
+def test_always_hanging_reward_costs_about_two_timeouts_not_one_per_sample(user_file):
+    """40 samples x timeout_s=1 would be 40 s one at a time: after the first timeout the rest
+    run in parallel, each in its own thread, and time out together."""
+    cfg = RewardConfig(functions=[fn(user_file, "sleepy")], timeout_s=1.0, num_workers=1,
+                       max_failure_rate=1.0)  # no alarm: this test is about the time
+    with RewardRunner(cfg) as runner:
+        runner.score([req("warm")])  # start the worker: the bound is on scoring, not start-up
+        t0 = time.perf_counter()
+        out = runner.score([req(f"hang{i}") for i in range(40)])
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 4.0, f"{elapsed:.1f} s for 40 hanging samples"
+        assert [s.failure for s in out] == ["timeout"] * 40
+        assert all("timeout_s=1.0" in s.detail and s.score == 0.0 for s in out)
+        m = runner.metrics()
+        assert m["reward/failures/timeout"] == 40 and m["reward/samples"] == 41
+        # one kill in the sequential mode, one replacement after the parallel batch
+        assert m["reward/worker_restarts"] == 2
+
+
+def test_healthy_reward_after_a_hanging_phase_returns_to_normal_mode(user_file):
+    """`sleepy` scores +100 when it runs off the worker's main thread: that shows the mode."""
+    cfg = RewardConfig(functions=[fn(user_file, "sleepy")], timeout_s=0.5)
+    with RewardRunner(cfg) as runner:
+        out = runner.score([req("hang"), req("hang2"), req("abc")])
+        # the first hang in the main thread; the rest in parallel, still with a timeout
+        assert [s.failure for s in out] == ["timeout", "timeout", None]
+        assert out[2].score == 103.0
+        # still suspect (the parallel batch had a timeout): the next call starts in parallel,
+        # and since nothing hangs in it, the runner goes back to normal
+        out = runner.score([req("ab"), req("abcd")])
+        assert [s.score for s in out] == [102.0, 104.0]
+        pid = runner._workers[0].proc.pid
+        out = runner.score([req("ab"), req("abcd"), req("x")])
+        assert [s.score for s in out] == [2.0, 4.0, 1.0] and all(s.failure is None for s in out)
+        assert runner._workers[0].proc.pid == pid  # a clean parallel batch keeps its worker
+
+
+def test_partly_hanging_batch_scores_the_others_correctly(user_file):
+    """Sleeping hangs and a busy-loop hang among healthy samples: only the hangers fail."""
+    cfg = RewardConfig(functions=[fn(user_file, "sleepy")], timeout_s=0.5, num_workers=2, max_batch_size=8)
+    responses = []
+    for i in range(40):
+        responses.append("spin" if i == 9 else f"hang{i}" if i % 5 == 1 else "x" * (i + 1))
+    with RewardRunner(cfg) as runner:
+        t0 = time.perf_counter()
+        out = runner.score([req(r) for r in responses])
+        elapsed = time.perf_counter() - t0
+    for r, s in zip(responses, out):
+        if r.startswith(("hang", "spin")):
+            assert s.failure == "timeout" and s.score == 0.0, (r, s)
+        else:
+            assert s.failure is None and s.score % 100 == len(r), (r, s)
+    # 9 hangers one after another would take 4.5 s at least
+    assert elapsed < 4.0, f"{elapsed:.1f} s"
+
+
+def test_parallel_mode_does_not_time_out_slow_healthy_samples(user_file):
+    """10 samples of 100 ms CPU each share one interpreter lock in the parallel mode: 1 s of
+    wall time for all, over timeout_s=0.5. Each is charged only its own running time."""
+    cfg = RewardConfig(functions=[fn(user_file, "sleepy")], timeout_s=0.5, num_workers=1)
+    with RewardRunner(cfg) as runner:
+        out = runner.score([req("hang")] + [req("busy:100") for i in range(10)])
+    assert out[0].failure == "timeout"
+    assert [s.failure for s in out[1:]] == [None] * 10
+    assert [s.score for s in out[1:]] == [108.0] * 10  # 100: they did run in parallel threads
+
+
+def test_run_parallel_charges_each_item_its_own_time(user_file):
+    """The worker's parallel runner in this process: with per-thread CPU clocks, slow healthy
+    items are not timed out by each other, though some end past timeout_s of wall time."""
+    from rewards.api import resolve_reward
+
+    scorer = Scorer([resolve_reward(f"{user_file}:sleepy")], [False], 65536)
+    # 10 x 100 ms of CPU under one interpreter lock: the last ends after ~1 s, over timeout_s
+    items = [(i, "sample", [0], {"response": "busy:100"}) for i in range(10)]
+    fair: list = []
+    assert run_parallel(scorer, items, 0.5, fair.append, measure_cpu=True) == 0
+    results = [m for m in fair if m[0] == "result"]
+    assert sorted(m[1] for m in results) == list(range(10))
+    assert all(m[2] == [("ok", 108.0, {})] for m in results)
+    assert max(m[3] for m in results) > 0.5  # some did run past timeout_s of wall time
+
+
+def test_crash_in_parallel_mode_blames_only_the_crasher(user_file):
+    """After a timeout, a batch with a crashing sample runs in parallel; the crash cannot be
+    pinned on a sample there, so the rest of the call runs one at a time again."""
+    cfg = RewardConfig(functions=[fn(user_file, "chaos")], timeout_s=0.5)
+    with RewardRunner(cfg) as runner:
+        out = runner.score([req("hang"), req("ok"), req("exit"), req("ok"), req("raise"), req("ok")])
+    assert [s.failure for s in out] == ["timeout", None, "crashed", None, "exception", None]
+    assert "exit code 3" in out[2].detail
+
+
+# --- the failure-rate alarm -----------------------------------------------------------------
+
+
+def test_alarm_trips_after_min_samples_of_an_always_failing_reward(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "always_raises", name="broken_grader")])
+    with RewardRunner(cfg) as runner:
+        out = runner.score([req(str(i)) for i in range(31)])  # under failure_min_samples=32
+        assert all(s.failure == "exception" for s in out)
+        with pytest.raises(RewardAlarmError) as e:
+            runner.score([req("last")])
+        msg = str(e.value)
+        assert "32 of the last 32 scored samples failed (100%)" in msg
+        assert "reward.max_failure_rate=0.5" in msg and "reward.failure_window=256" in msg
+        assert "'broken_grader': exception x32" in msg
+        assert "ValueError: the grader is broken for 'last'" in msg  # the latest traceback
+        assert "reward.max_failure_rate=1.0 disables" in msg
+        # the samples were still counted; a caller that goes on starts a fresh window
+        assert runner.metrics()["reward/failures/exception"] == 32
+        runner.score([req("x")] * 31)
+
+
+def test_alarm_message_names_each_failing_reward_and_kind(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "chaos")], failure_min_samples=8, failure_window=8,
+                       on_failure="drop_group", isolated=False)
+    with RewardRunner(cfg) as runner:
+
+        async def main():
+            await runner.ascore_group([req("ok"), req("raise"), req("nan"), req("ok")])
+            await runner.ascore_group([req("raise"), req("ok"), req("none"), req("raise")])
+
+        with pytest.raises(RewardAlarmError) as e:
+            asyncio.run(main())
+    msg = str(e.value)
+    assert "5 of the last 8 scored samples failed (62%)" in msg
+    assert "'chaos': exception x3, nan x1, not_a_number x1" in msg
+
+
+def test_alarm_counts_ascore_and_ascore_group_samples_alike(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "always_raises")], isolated=False)
+    with RewardRunner(cfg) as runner:
+        runner.score([req("a")] * 16)
+
+        async def groups(n):
+            return await runner.ascore_groups([[req("b")] * 4] * n)
+
+        asyncio.run(groups(3))  # 28 samples so far
+        with pytest.raises(RewardAlarmError, match="32 of the last 32"):
+            asyncio.run(groups(1))
+
+
+def test_alarm_does_not_trip_at_30_percent_failures(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "fails_30_percent")])
+    with RewardRunner(cfg) as runner:
+        for _ in range(3):
+            out = runner.score([req(str(i)) for i in range(100)])
+        assert sum(s.failed for s in out) == 30
+        assert runner.metrics()["reward/failures/exception"] == 90
+
+
+def test_alarm_trips_just_over_the_rate_within_the_window(user_file):
+    """The window is the last `failure_window` samples: old successes leave it."""
+    cfg = RewardConfig(functions=[fn(user_file, "fails_on_b")], max_failure_rate=0.25, failure_window=40,
+                       failure_min_samples=10, isolated=False)
+    with RewardRunner(cfg) as runner:
+        runner.score([req("a")] * 30 + [req("b")] * 10)  # 10 of 40: exactly 25%, not more
+        with pytest.raises(RewardAlarmError, match="11 of the last 40 scored samples"):
+            runner.score([req("b")])  # the oldest success leaves the window
+
+
+def test_alarm_disabled_with_rate_one_and_applies_under_every_policy(user_file):
+    for policy in ("score", "drop_group", "stop"):
+        cfg = RewardConfig(functions=[fn(user_file, "always_raises")], on_failure=policy,
+                           max_consecutive_failures=1000, isolated=False)
+        with RewardRunner(cfg) as runner:
+            with pytest.raises(RewardAlarmError):
+                runner.score([req("a")] * 40)
+    cfg = RewardConfig(functions=[fn(user_file, "always_raises")], max_failure_rate=1.0, isolated=False)
+    with RewardRunner(cfg) as runner:
+        for _ in range(5):
+            out = runner.score([req("a")] * 100)
+        assert all(s.failure == "exception" for s in out)
+
+
+# --- the start-up probe -----------------------------------------------------------------------
+
+
+def test_probe_raises_naming_a_reward_that_raises(user_file):
+    cfg = RewardConfig(functions=[RewardFunctionConfig("exact_match"), fn(user_file, "always_raises")])
+    with RewardRunner(cfg) as runner:
+        with pytest.raises(RewardProbeError) as e:
+            runner.probe({"prompt": "2+2=", "answer": "4"})
+        msg = str(e.value)
+        assert "reward 'always_raises': exception on row 0" in msg
+        assert "ValueError: the grader is broken for '4'" in msg  # the response is the answer
+        assert "calls each reward once on the first dataset row" in msg and "'2+2='" in msg
+        assert "exact_match" not in msg.split("failed on it:")[1]  # only the failing reward
+        m = runner.metrics()
+        assert m["reward/samples"] == 0 and m["reward/failures/total"] == 0
+    assert isinstance(e.value, ValueError)
+
+
+def test_probe_passes_a_healthy_reward_with_the_row(user_file):
+    for isolated in (True, False):
+        cfg = RewardConfig(functions=[fn(user_file, "needs_answer"), RewardFunctionConfig("exact_match")],
+                           isolated=isolated)
+        with RewardRunner(cfg) as runner:
+            assert runner.probe({"prompt": "2+2=", "answer": 4}) is None
+            # prompt_key and an explicit response
+            runner.probe({"question": "2+2=", "answer": "x"}, prompt_key="question", response="x")
+            with pytest.raises(RewardProbeError, match="'needs_answer': exception"):
+                runner.probe({"prompt": "2+2=", "answer": 4}, response="5")
+            assert runner.metrics()["reward/samples"] == 0
+
+
+def test_probe_calls_group_rewards_with_a_group_of_one(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "group_chaos", group=True), RewardFunctionConfig("exact_match")])
+    with RewardRunner(cfg) as runner:
+        runner.probe({"prompt": "ok", "answer": "1"})
+        with pytest.raises(RewardProbeError, match="(?s)'group_chaos': exception.*group boom"):
+            runner.probe({"prompt": "raise", "answer": "1"})
+
+
+def test_probe_times_out_a_hanging_reward(user_file):
+    cfg = RewardConfig(functions=[fn(user_file, "sleepy")], timeout_s=1.0)
+    with RewardRunner(cfg) as runner:
+        asyncio.run(runner.astart())  # the bound is on the probe, not the start-up
+        t0 = time.perf_counter()
+        with pytest.raises(RewardProbeError, match="'sleepy': timeout on row 0"):
+            runner.probe({"prompt": "p"}, response="hang")
+        assert time.perf_counter() - t0 < 2.5
+        m = runner.metrics()
+        assert m["reward/worker_restarts"] == 0 and m["reward/failures/timeout"] == 0
+        assert runner.score([req("abc")])[0].score == 3.0  # not left in the parallel mode
+
+
+def test_probe_inside_a_running_event_loop_and_bad_prompt_key(user_file):
+    with RewardRunner(RewardConfig(functions=[fn(user_file, "always_raises")])) as runner:
+
+        async def main():
+            runner.probe({"prompt": "p"})
+
+        with pytest.raises(RewardProbeError, match="always_raises"):
+            asyncio.run(main())
+        with pytest.raises(ValueError, match="no field 'question'"):
+            runner.probe({"prompt": "p"}, prompt_key="question")
