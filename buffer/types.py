@@ -42,6 +42,10 @@ class Trajectory:
     reward_failure: str | None = None  # failure kind when the reward function failed
     finish_reason: FinishReason | None = None
     uid: str = field(default_factory=new_uid)
+    # Tokens the engine generated after but the trainer never sees: the response is
+    # trained against `prompt_ids` alone (in-context seeding), its behaviour logprobs
+    # came from context + prompt, and the importance weight corrects for the difference.
+    context_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()

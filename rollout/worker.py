@@ -73,9 +73,17 @@ class Episode:
         group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
                       row=item.row, start_version=item.start_version)
         prompt_ids = self.tokenizer.encode(item.prompt)
-        group.trajectories = [Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids))
-                              for _ in range(item.n_samples)]
+        context_ids = self._context_ids(item.context, prompt_ids) if item.context else []
+        group.trajectories = [Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids),
+                                         context_ids=list(context_ids)) for _ in range(item.n_samples)]
         return group
+
+    def _context_ids(self, context: str, prompt_ids: list[int]) -> list[int]:
+        """The tokens of `context` as they precede the prompt's own tokens in context + prompt."""
+        full = self.tokenizer.encode(context + self.item.prompt)
+        if len(full) > len(prompt_ids) and full[len(full) - len(prompt_ids):] == prompt_ids:
+            return full[:len(full) - len(prompt_ids)]
+        return self.tokenizer.encode(context, add_special_tokens=False)
 
     async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *,
                         min_tokens: int = 0, temperature: float | None = None) -> Trajectory:
@@ -271,7 +279,7 @@ class RolloutWorker:
             segment_start, segment_version = traj.num_response_tokens, self.version
             try:
                 segment = await self.engine.agenerate(
-                    traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
+                    traj.context_ids + traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
                     request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens))
             finally:
                 reason = self._mark_inactive(request_id)

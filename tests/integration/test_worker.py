@@ -256,3 +256,26 @@ def test_april_batch_boundary_hands_requests_to_the_next_weights(make_april_work
         assert traj.finish_reason is FinishReason.LENGTH and traj.num_response_tokens == 56
         assert traj.versions == sorted(traj.versions) and set(traj.versions) == {v0, v0 + 1}
         assert len(traj.behaviour_logprobs) == 56
+
+
+def test_a_seeded_item_generates_after_its_context_and_is_trained_on_its_prompt(make_worker, trainer, loop_thread):
+    """In-context seeding: the engine sees context + prompt; the trajectory keeps the
+    context apart, so the trainer scores the response under the prompt alone, and its
+    behaviour logprobs are exactly those under context + prompt."""
+    worker = make_worker("interrupt")
+    loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))
+    worker.version = trainer.version
+    loop_thread.run(worker.engine.alabel(worker.version))
+    item = PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2, group_id="seeded",
+                      start_version=worker.version, context="1+2=3\n")
+
+    async def run():
+        await worker.submit([item])
+        return (await worker.collect(min_groups=1, timeout_s=60)).groups[0]
+
+    group = loop_thread.run(run())
+    for traj in group.trajectories:
+        assert traj.prompt_ids == worker.tokenizer.encode(ROW["prompt"])
+        assert traj.context_ids == worker.tokenizer.encode("1+2=3\n")
+        expected = logprobs_under(trainer.engine.module, traj.context_ids + traj.prompt_ids, traj.response_ids)
+        assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs, expected)) < 1e-4
