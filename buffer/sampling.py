@@ -125,8 +125,12 @@ class DapoFilter:
         return {**self.inner.metrics(), "sampling/filtered": float(self.filtered)}
 
 
-# dapo_filter: uniform prompts, zero-variance groups filtered (`build_sampler` wraps it)
-SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler}
+# Imported here, below the classes above, so buffer.strategies may import this module.
+from buffer.strategies import VadeSampler, XrpoSampler  # noqa: E402
+
+# dapo_filter: uniform prompts, zero-variance groups filtered (`build_sampler` wraps it);
+# vade, xrpo: difficulty-adaptive samplers (buffer/strategies.py, docs/sampling.md)
+SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler, "vade": VadeSampler, "xrpo": XrpoSampler}
 
 
 def build_sampler(cfg: SamplingConfig, rows: Sequence[dict[str, Any]], n_samples: int, seed: int,
