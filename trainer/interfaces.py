@@ -91,9 +91,12 @@ class RemoteCallError(RuntimeError):
 
 
 def describe_error(error: BaseException) -> str:
-    """The error with its (remote) traceback: Ray puts the remote traceback in the
-    message of the error it raises; a local error gets its own."""
+    """The error with its (remote) traceback: Ray puts the remote traceback, or why the
+    actor died, in the message of the error it raises; a local error gets its own."""
+    if isinstance(error, RemoteCallError):
+        return str(error)
     text = f"{type(error).__name__}: {error}"
-    if error.__traceback__ is not None and "Traceback" not in text:
+    from_ray = type(error).__module__.startswith("ray.")
+    if not from_ray and error.__traceback__ is not None and "Traceback" not in text:
         text += "\n" + "".join(traceback.format_exception(error)).rstrip()
     return text[-6000:]
