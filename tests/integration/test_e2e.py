@@ -112,8 +112,11 @@ def faulty(response, answer, **kwargs):
 
 
 def test_faulty_rewards_are_counted_by_kind_and_training_goes_on(tmp_path, model_path):
+    """With the failure-rate alarm off (it would stop this run: test_faults.py), every kind
+    of failure is counted, the workers are replaced, and training goes on."""
     (tmp_path / "faulty.py").write_text(FAULTY_REWARD)
     out = grove([f"reward.functions=[{{fn: {tmp_path}/faulty.py:faulty}}]", "reward.timeout_s=0.5",
+                 "reward.max_failure_rate=1.0",
                  "trainer.total_steps=3", "trainer.batch_groups=8", "eval.every_steps=0", "eval.max_rows=40",
                  "logger=none", "run_name=faulty"], tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -227,8 +227,8 @@ class FakeTrainer:
 
     def train_step(self, groups) -> StepHandle:
         if (error := self.fail.pop("train_step", None)) is not None:
-            failed = _failing(error)
-            return StepHandle(failed, failed)
+            # both results carry the step's error, as Ray's two refs do (each its own copy)
+            return StepHandle(_failing(error), _failing(type(error)(*error.args)))
         metrics = asyncio.ensure_future(self._step(groups))
         return StepHandle(metrics, asyncio.ensure_future(self._export(metrics)))
 
