@@ -1,8 +1,8 @@
 """In-process engines for the orchestrator's unit tests, in virtual time.
 
-`run_virtual(coro)` runs a coroutine on an event loop whose clock jumps to the next timer
-whenever nothing is ready, so a simulated minute of generation and training takes
-milliseconds. `FakeRollout` and `FakeTrainer` implement the orchestrator's Protocols with
+`run_virtual(coro)` (trainer/virtual_time.py) runs a coroutine on an event loop whose
+clock jumps to the next timer whenever nothing is ready, so a simulated minute of
+generation and training takes milliseconds. `FakeRollout` and `FakeTrainer` implement the orchestrator's Protocols with
 the behaviour the real engines promise (a group waits for its admission version's
 weights; tokens are stamped with the weights that sampled them; updates apply in order;
 APRIL's interrupt holds requests until the next weights) and check what the orchestrator
@@ -19,28 +19,7 @@ from dataclasses import dataclass, field
 
 from buffer.types import FinishReason, Group, Trajectory
 from trainer.interfaces import StepHandle
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        super().__init__()
-        self._virtual_now = 0.0
-
-    def time(self) -> float:
-        return self._virtual_now
-
-    def _run_once(self) -> None:
-        if not self._ready and self._scheduled:
-            self._virtual_now = max(self._virtual_now, self._scheduled[0]._when)
-        super()._run_once()
-
-
-def run_virtual(coro):
-    loop = VirtualClockLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+from trainer.virtual_time import run_virtual  # noqa: F401 - the tests import it from here
 
 
 @dataclass
