@@ -154,11 +154,13 @@ class Orchestrator:
             raise
         except Exception as err:  # noqa: BLE001 - a fault anywhere ends the run, named
             raise RunError(f"{describe_error(err)}\nledger at the fault: {self._ledger_now()}") from err
-        finally:
-            for task in [*tasks, *self._fired]:
-                task.cancel()
-            if self._fault.done() and not self._fault.cancelled():
-                self._fault.exception()  # retrieved: not logged as never retrieved
+        finally:  # nothing left running, and no failure left unretrieved (asyncio would log it)
+            syncs = [s.task for s in self.syncs if s.task is not None]
+            for future in [*tasks, *self._fired, *syncs, self._fault]:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
 
     def _ledger_now(self) -> dict[str, int]:
         return {**self.sched.ledger.as_dict(), "running": len(self.sched.running),
