@@ -139,11 +139,12 @@ class GroveConfig:
                 "next policy version, which buffer.max_staleness=0 forbids. Set buffer.max_staleness=1 "
                 "(partial tokens older than that are masked out of the loss) or rollout.overprovision=1."
             )
-        if self.algorithm.requires_sampler is not None:
+        needs = self.algorithm.requires_sampler
+        if needs is not None and self.sampling.name != needs:
             raise ValueError(
-                f"algorithm={self.algorithm.name} needs the {self.algorithm.requires_sampler!r} prompt sampler "
-                "(difficulty-adaptive sampling), which this version of Grove does not have yet; it refuses "
-                "to start rather than silently run plain GRPO. Choose algorithm=grpo|dr_grpo|dapo|gspo."
+                f"algorithm={self.algorithm.name} needs its {needs!r} prompt sampler, but sampling.name="
+                f"{self.sampling.name!r}: without it the run would not be {self.algorithm.name}. Drop the "
+                f"sampling override (algorithm={self.algorithm.name} selects sampling={needs}), or set sampling={needs}."
             )
 
 

@@ -81,6 +81,7 @@ def test_dataclass_defaults_are_the_grpo_recipe():
 def test_recipe_file_states_only_what_differs_from_grpo(name):
     raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml"), resolve=False)
     assert raw.pop("name") == name
+    raw.pop("defaults", None)  # a recipe may choose another group's option (xrpo: its sampler)
     fields = {f.name for f in dataclasses.fields(AlgorithmConfig)}
     assert set(raw) <= fields, f"{name}.yaml sets unknown keys {set(raw) - fields}"
     defaults = AlgorithmConfig()
@@ -123,12 +124,14 @@ def test_dapo_overlong_shaping_is_one_more_reward():
         load(["algorithm=dapo", "reward.overlong_max_len=8"])
 
 
-def test_xrpo_composes_with_its_knobs_but_is_refused():
-    raw = compose_raw(["algorithm=xrpo", "algorithm.novelty_lambda=0.5", "algorithm.novelty_kappa=0.25"])
-    algo = raw.algorithm
+def test_xrpo_selects_its_sampler_and_refuses_another():
+    cfg = load(["algorithm=xrpo", "algorithm.novelty_lambda=0.5", "algorithm.novelty_kappa=0.25"])
+    algo = cfg.algorithm
     assert (algo.novelty_sharpening, algo.novelty_lambda, algo.novelty_kappa) == (True, 0.5, 0.25)
     assert algo.requires_sampler == "xrpo" and algo.advantage == "group_norm"
+    assert cfg.sampling.name == "xrpo"  # the recipe chose its allocator
+    raw = compose_raw(["algorithm=xrpo", "sampling=uniform"])
     with pytest.raises(Exception) as info:
         OmegaConf.to_object(raw)
     message = str(info.value.__cause__ or info.value)
-    assert "xrpo" in message and "refuses" in message
+    assert "algorithm=xrpo needs its 'xrpo' prompt sampler" in message and "sampling=xrpo" in message
