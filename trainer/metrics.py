@@ -57,7 +57,9 @@ class MetricsLogger:
 
     def progress(self, text: str) -> None:
         if self.console is not None:
-            self.console.print(f"[dim]{time.perf_counter() - self._start:7.1f}s[/dim] {text}", highlight=False)
+            # soft_wrap: one line per message, however narrow the terminal or log (no hard wraps)
+            self.console.print(f"[dim]{time.perf_counter() - self._start:7.1f}s[/dim] {text}", highlight=False,
+                               soft_wrap=True)
 
     def close(self) -> None:
         self._file.close()
