@@ -1,5 +1,7 @@
 """The `grove` command. `grove train key=value ...` is a Hydra app over `configs/`;
-`grove prepare` builds, ahead of a first run, what that run would otherwise build at start.
+`grove prepare` builds, ahead of a first run, what that run would otherwise build at start;
+`grove eval MODEL_DIR` scores a model folder on the held-out split (trainer/evaluate.py);
+`grove plot RUN_DIR ...` draws a run's dashboard PNG (trainer/plot.py).
 
 Usage errors (a bad key, a value out of range, an impossible combination, a reward that
 fails on the first dataset row) end with a one-paragraph message and exit code 2, before
@@ -20,6 +22,8 @@ from typing import NoReturn
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 USAGE = """usage: grove train [hydra overrides ...]
        grove prepare [hydra overrides ...]
+       grove eval MODEL_DIR [hydra overrides ...] [--out FILE.jsonl]
+       grove plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
 
   grove train                          run the built-in default (tiny model, arithmetic task)
   grove train trainer.total_steps=20   override any config key
@@ -27,6 +31,12 @@ USAGE = """usage: grove train [hydra overrides ...]
   grove train --help                   show the config groups and options
   grove prepare                        build the default model, DeepSpeed's CPU op and the
                                        compiled trainer's kernels now (the install runs it)
+  grove eval runs/<run>/final_model    held-out accuracy of an HF model folder (greedy, the configured
+                                       task and rewards; eval.max_rows=N); one JSON line per sample
+                                       to MODEL_DIR/eval_samples.jsonl (or --out)
+  grove plot runs/<run>                draw runs/<run>/dashboard.png from its metrics.jsonl (a run
+                                       writes it at its end)
+  grove plot runs/a runs/b --out c.png compare runs on the same axes (default ./dashboard.png)
 """
 
 
@@ -121,6 +131,16 @@ def main() -> None:
         sys.exit(0 if args else 2)
     if args[0] == "prepare":
         prepare(args[1:])
+        return
+    if args[0] == "eval":
+        from trainer.evaluate import main as eval_main
+
+        eval_main(args[1:])
+        return
+    if args[0] == "plot":
+        from trainer.plot import main as plot_main
+
+        plot_main(args[1:])
         return
     if args[0] != "train":
         print(f"grove: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)

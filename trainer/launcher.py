@@ -89,26 +89,37 @@ def preflight(cfg: GroveConfig, say) -> tuple[PromptData, str]:
     return data, model_path
 
 
-def start_actors(cfg: GroveConfig, model_path: str):
-    """The rollout worker and trainer actors on Ray, with the resources the platform
-    profile gives them (`cluster.*`)."""
+QUIET = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
+def start_actors(cfg: GroveConfig, model_path: str) -> tuple[list, object]:
+    """`rollout.num_workers` rollout worker actors and the trainer actor on Ray, with the
+    resources the platform profile gives them (`cluster.*`)."""
+    import ray
+
+    from trainer.policy_trainer import Trainer
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=True, configure_logging=True)
+    workers = [start_rollout_actor(cfg, model_path) for _ in range(cfg.rollout.num_workers)]
+    trainer = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=cfg.cluster.trainer_gpus, max_restarts=0)(
+        Trainer).options(runtime_env={"env_vars": QUIET}).remote(model_path, cfg.trainer, cfg.algorithm,
+                                                                  cfg.rollout.temperature)
+    return workers, trainer
+
+
+def start_rollout_actor(cfg: GroveConfig, model_path: str):
+    """One rollout worker actor (not started: call `astart`)."""
     import ray
 
     from rollout.engine import engine_env
     from rollout.worker import RolloutWorker
-    from trainer.policy_trainer import Trainer
 
-    quiet = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=True, configure_logging=True)
-    rollout_env = {**quiet, **engine_env(cfg.rollout.engine)}
-    worker = ray.remote(num_cpus=1, num_gpus=cfg.cluster.rollout_gpus, max_restarts=0)(RolloutWorker).options(
-        runtime_env={"env_vars": rollout_env}).remote(model_path, cfg.rollout, cfg.reward, os.getcwd())
-    trainer = ray.remote(num_cpus=1, num_gpus=cfg.cluster.trainer_gpus, max_restarts=0)(Trainer).options(
-        runtime_env={"env_vars": quiet}).remote(model_path, cfg.trainer, cfg.algorithm, cfg.rollout.temperature)
-    return worker, trainer
+    return ray.remote(num_cpus=cfg.cluster.rollout_cpus, num_gpus=cfg.cluster.rollout_gpus, max_restarts=0)(
+        RolloutWorker).options(runtime_env={"env_vars": {**QUIET, **engine_env(cfg.rollout.engine)}}).remote(
+        model_path, cfg.rollout, cfg.reward, os.getcwd())
 
 
 def make_sampler(cfg: GroveConfig, data: PromptData):
@@ -118,14 +129,19 @@ def make_sampler(cfg: GroveConfig, data: PromptData):
                          max_filtered=algo.max_num_gen_batches * cfg.trainer.batch_groups, cwd=os.getcwd())
 
 
-def build_orchestrator(cfg: GroveConfig, data: PromptData, worker, trainer, logger: MetricsLogger):
-    """The orchestrator over these actors, with the configured sampler and transport."""
-    from trainer.clients import RayRolloutClient, RayTrainerClient, build_transport
+def build_orchestrator(cfg: GroveConfig, data: PromptData, workers: list, trainer, logger: MetricsLogger,
+                       model_path: str):
+    """The orchestrator over these actors, with the configured sampler and transport, and
+    a factory that replaces a dead worker (it updates `workers` in place)."""
+    from trainer.clients import RayRolloutClient, RayRolloutFactory, RayTrainerClient, build_transport
     from trainer.orchestrator import LoopConfig, Orchestrator
 
-    return Orchestrator(LoopConfig.from_config(cfg), make_sampler(cfg, data), [RayRolloutClient("rollout worker 0", worker)],
+    key = cfg.task.prompt_key
+    clients = [RayRolloutClient(f"rollout worker {i}", w, key) for i, w in enumerate(workers)]
+    factory = RayRolloutFactory(lambda: start_rollout_actor(cfg, model_path), trainer, workers, key)
+    return Orchestrator(LoopConfig.from_config(cfg), make_sampler(cfg, data), clients,
                         RayTrainerClient("trainer", trainer), build_transport(cfg.weight_sync.transport, os.getcwd()),
-                        logger, data.eval[: cfg.eval.max_rows])
+                        logger, data.eval[: cfg.eval.max_rows], factory)
 
 
 def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
@@ -141,19 +157,24 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
         data, model_path = preflight(cfg, say)
         eval_rows = data.eval[: cfg.eval.max_rows]
         say(f"model: {model_path}")
-        worker, trainer = start_actors(cfg, model_path)
-        setup = checked(ray.get, [worker.astart.remote(), trainer.setup.remote()], "engine start-up")
+        workers, trainer = start_actors(cfg, model_path)
+        setup = checked(ray.get, [*(w.astart.remote() for w in workers), trainer.setup.remote()], "engine start-up")
         say(f"engines ready: {setup}")
-        before = checked(ray.get, worker.evaluate.remote(eval_rows), "held-out evaluation before RL")
+        key = cfg.task.prompt_key
+        before = checked(ray.get, workers[0].evaluate.remote(eval_rows, key), "held-out evaluation before RL")
         logger.log(0, before)
         say(f"held-out accuracy before RL: {before['eval/accuracy']:.3f}")
-        orchestrator = build_orchestrator(cfg, data, worker, trainer, logger)
+        orchestrator = build_orchestrator(cfg, data, workers, trainer, logger, model_path)
         ledger = asyncio.run(orchestrator.run())
-        after = checked(ray.get, worker.evaluate.remote(eval_rows), "held-out evaluation after RL")
+        first = orchestrator.rollouts[0].actor  # (a replacement, if the first one died)
+        after = checked(ray.get, first.evaluate.remote(eval_rows, key), "held-out evaluation after RL")
         logger.log(orchestrator.version, after)
         say(f"held-out accuracy after RL: {after['eval/accuracy']:.3f}")
         checked(ray.get, trainer.save_pretrained.remote(str(run_dir / "final_model")), "saving final_model")
-        checked(ray.get, worker.ashutdown.remote(), "rollout shutdown")
+        checked(ray.get, [w.ashutdown.remote() for w in workers], "rollout shutdown")
+        from trainer.plot import write_run_dashboard
+
+        write_run_dashboard(run_dir, say)  # run_dir/dashboard.png; a failure is said, not raised
         return RunSummary(before["eval/accuracy"], after["eval/accuracy"], run_dir, orchestrator.version, ledger,
                           time.perf_counter() - started_at)
     except RunError as err:
