@@ -41,8 +41,9 @@ class Ledger:
 
     A group is started once; it then is running, buffered, in the partial pool,
     consumed, dropped (by a reward failure policy, or rejected by its rollout workflow),
-    or filtered (the prompt sampler kept it out of batches, as DAPO's dynamic sampling
-    does zero-variance groups). `partial`, `resumed` and `samples_interrupted` count
+    filtered (the prompt sampler kept it out of batches, as DAPO's dynamic sampling
+    does zero-variance groups), or requeued (its rollout worker died with it; its prompt
+    item starts again as a new group, so nothing is lost and nothing is trained twice). `partial`, `resumed` and `samples_interrupted` count
     events, not groups in a state.
     """
 
@@ -51,6 +52,7 @@ class Ledger:
     consumed: int = 0
     dropped: int = 0
     filtered: int = 0
+    requeued: int = 0  # lost with a dead rollout worker; its prompt item was started again as a new group
     partial: int = 0  # times a group was handed back unfinished (APRIL)
     resumed: int = 0  # times a partial group was resumed
     samples_interrupted: int = 0  # requests aborted by a weight update and resumed
@@ -59,7 +61,7 @@ class Ledger:
     @property
     def retired(self) -> int:
         """Groups that no longer take a slot in the admission count."""
-        return self.dropped + self.filtered
+        return self.dropped + self.filtered + self.requeued
 
     def lost(self, running: int, buffered: int, partial_pool: int = 0) -> int:
         """Started groups found in no state at all."""

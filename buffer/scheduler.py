@@ -160,6 +160,20 @@ class RolloutScheduler:
             self.was_partial.add(group.group_id)
             self.ledger.partial += 1
 
+    def requeue_worker(self, worker: int) -> list[PromptItem]:
+        """Worker `worker` died with the groups it was running: each is retired as requeued
+        and its prompt item comes back with a new group id, to be started again."""
+        lost = [gid for gid, r in self.running.items() if r.worker == worker]
+        items = []
+        for group_id in lost:
+            running = self.running.pop(group_id)
+            self._retire(running)
+            self.ledger.requeued += 1
+            items.append(PromptItem(prompt_id=running.item.prompt_id, prompt=running.item.prompt,
+                                    row=running.item.row, n_samples=running.item.n_samples,
+                                    context=running.item.context))
+        return items
+
     def _finish(self, group_id: str) -> RunningGroup:
         self.ledger.finished += 1
         return self.running.pop(group_id)

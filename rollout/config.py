@@ -24,6 +24,8 @@ class RolloutConfig:
     on_update: str = "interrupt"  # wait | interrupt | interrupt_newest (see rollout/worker.py)
     interrupt_by: str = "pause"  # pause: keep requests in the engine | abort: resubmit, re-prefill
     overprovision: float = 1.0  # APRIL: keep this many batches' worth of groups in flight (1 = off)
+    num_workers: int = 1  # rollout workers, each a vLLM engine in its own actor; every one gets every version
+    max_restarts: int = 3  # dead workers replaced in a run (their groups start again); past that the run stops
     workflow: str = "group"  # how a prompt becomes a group: a registered name or a dotted path
     workflow_kwargs: dict = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -49,5 +51,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.on_update={self.on_update!r} is not one of {list(ON_UPDATE_MODES)}")
         if self.interrupt_by not in INTERRUPT_BY:
             raise ValueError(f"rollout.interrupt_by={self.interrupt_by!r} is not one of {list(INTERRUPT_BY)}")
+        if self.num_workers < 1:
+            raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
+        if self.max_restarts < 0:
+            raise ValueError(f"rollout.max_restarts must be >= 0, got {self.max_restarts}")
         if self.overprovision < 1.0:
             raise ValueError(f"rollout.overprovision must be >= 1 (1 = no over-provisioning), got {self.overprovision}")

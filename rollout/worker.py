@@ -440,18 +440,24 @@ class RolloutWorker:
 
     # -- evaluation and stats ----------------------------------------------------------
     async def evaluate(self, rows: list[dict], prompt_key: str = "prompt") -> dict[str, float]:
-        """Greedy held-out accuracy: the fraction of rows whose reward is at least 1."""
+        """Greedy held-out accuracy: the fraction of rows whose reward is at least 1 (and
+        per difficulty, when rows have one)."""
+        return (await self.evaluate_samples(rows, prompt_key))[0]
+
+    async def evaluate_samples(self, rows: list[dict], prompt_key: str = "prompt") -> tuple[dict, list[dict]]:
+        """`evaluate`'s metrics, and one record per row: prompt, response, reward, reward
+        info, failure, finish reason (what `grove eval` writes)."""
+        if not rows:
+            raise ValueError("no held-out rows to evaluate (eval.max_rows, or an empty eval split)")
 
         async def one(row: dict) -> Trajectory:
             traj = Trajectory(prompt_id="eval", group_id="eval", prompt_ids=self.tokenizer.encode(row[prompt_key]))
             return await self._sample(traj, self.cfg.eval_max_tokens, temperature=0.0)
 
         trajs = await asyncio.gather(*(one(row) for row in rows))
-        requests = [
-            RewardRequest(prompt=row[prompt_key], fields=row, response_ids=t.response_ids,
-                          response=self.tokenizer.decode(t.response_ids, skip_special_tokens=True))
-            for row, t in zip(rows, trajs)
-        ]
+        texts = [self.tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in trajs]
+        requests = [RewardRequest(prompt=row[prompt_key], fields=row, response_ids=t.response_ids, response=text)
+                    for row, t, text in zip(rows, trajs, texts)]
         scores = await self.rewards.ascore(requests)
         correct = [s.score is not None and s.score >= 1.0 for s in scores]
         metrics = {"eval/accuracy": sum(correct) / len(correct)}
@@ -461,7 +467,14 @@ class RolloutWorker:
                 by_level.setdefault(str(row["difficulty"]), []).append(ok)
         for level, oks in sorted(by_level.items()):
             metrics[f"eval/accuracy_difficulty_{level}"] = sum(oks) / len(oks)
-        return metrics
+        records = [{"index": i, "prompt": row[prompt_key], "response": text, "reward": scored.score, "correct": ok,
+                    "reward_info": dict(scored.info), "failure": scored.failure,
+                    "failure_detail": scored.detail or None,
+                    "finish_reason": t.finish_reason.value if t.finish_reason else None,
+                    "response_tokens": t.num_response_tokens,
+                    "fields": {k: v for k, v in row.items() if k != prompt_key}}
+                   for i, (row, t, text, scored, ok) in enumerate(zip(rows, trajs, texts, scores, correct))]
+        return metrics, records
 
     def stats(self) -> dict[str, float]:
         busy, requests = self.clock.read()

@@ -11,42 +11,82 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from collections.abc import Callable
+
 from buffer.plugins import load_plugin
 from buffer.prompts import PromptItem
 from buffer.types import Group
-from trainer.interfaces import RolloutClient, StepHandle, WeightTransport
+from trainer.interfaces import EngineDied, RolloutClient, StepHandle, WeightTransport
+
+
+async def _alive(ref: Any, name: str) -> Any:
+    """The call's result; the actor's death (killed, out of memory, crashed) as EngineDied."""
+    import ray
+
+    try:
+        return await ref
+    except ray.exceptions.RayActorError as err:
+        raise EngineDied(f"{name}'s actor is gone: {err}") from err
 
 
 class RayRolloutClient:
     """A `rollout.worker.RolloutWorker` in a Ray actor."""
 
-    def __init__(self, name: str, actor: Any) -> None:
+    def __init__(self, name: str, actor: Any, prompt_key: str = "prompt") -> None:
         self.name = name
         self.actor = actor
+        self.prompt_key = prompt_key  # the dataset field evaluation reads the prompt from
 
     def submit(self, items: list[PromptItem]) -> Awaitable[int]:
-        return self.actor.submit.remote(items)
+        return _alive(self.actor.submit.remote(items), self.name)
 
     def resume(self, groups: list[Group], not_before: int) -> Awaitable[int]:
-        return self.actor.resume.remote(groups, not_before)
+        return _alive(self.actor.resume.remote(groups, not_before), self.name)
 
     def interrupt(self) -> Awaitable[list[str]]:
-        return self.actor.interrupt_groups.remote()
+        return _alive(self.actor.interrupt_groups.remote(), self.name)
 
     def collect(self, min_groups: int, timeout_s: float) -> Awaitable[Any]:
-        return self.actor.collect.remote(min_groups=min_groups, timeout_s=timeout_s)
+        return _alive(self.actor.collect.remote(min_groups=min_groups, timeout_s=timeout_s), self.name)
 
     def update_weights(self, weights: Any, version: int) -> Awaitable[dict]:
-        return self.actor.update_weights.remote(weights, version)
+        return _alive(self.actor.update_weights.remote(weights, version), self.name)
 
     def health(self) -> Awaitable[dict[str, float]]:
-        return self.actor.stats.remote()
+        return _alive(self.actor.stats.remote(), self.name)
 
     def evaluate(self, rows: list[dict]) -> Awaitable[dict[str, float]]:
-        return self.actor.evaluate.remote(rows)
+        return _alive(self.actor.evaluate.remote(rows, self.prompt_key), self.name)
 
     def stop(self) -> Awaitable[int]:
-        return self.actor.stop_generation.remote()
+        return _alive(self.actor.stop_generation.remote(), self.name)
+
+
+class RayRolloutFactory:
+    """Replaces a dead rollout worker: kills what is left of its actor, starts a new one,
+    and loads the trainer's newest weights into it, labelled with their version."""
+
+    def __init__(self, start_actor: Callable[[], Any], trainer_actor: Any, actors: list[Any],
+                 prompt_key: str = "prompt") -> None:
+        self.start_actor = start_actor
+        self.trainer = trainer_actor
+        self.actors = actors  # by worker index; the launcher shuts down whatever is here at the end
+        self.prompt_key = prompt_key
+
+    def restart(self, index: int) -> Awaitable[RolloutClient]:
+        return self._restart(index)
+
+    async def _restart(self, index: int) -> RolloutClient:
+        import ray
+
+        ray.kill(self.actors[index], no_restart=True)
+        actor = self.actors[index] = self.start_actor()
+        name = f"rollout worker {index}"
+        await _alive(actor.astart.remote(), name)
+        version, payload = await self.trainer.export_versioned.remote()  # after any step under way
+        if version > 0:
+            await _alive(actor.update_weights.remote(payload, version), name)
+        return RayRolloutClient(name, actor, self.prompt_key)
 
 
 class RayTrainerClient:

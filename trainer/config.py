@@ -73,6 +73,8 @@ class ClusterConfig:
 
     name: str = "cpu_local"
     num_cpus: Optional[int] = None  # CPUs Ray may use on this machine; null = all
+    rollout_cpus: float = 1.0  # CPUs Ray reserves per rollout worker actor
+    trainer_cpus: float = 1.0  # CPUs Ray reserves for the trainer actor
     rollout_gpus: float = 0.0  # GPUs per rollout worker actor
     trainer_gpus: float = 0.0  # GPUs for the trainer actor
 
@@ -138,6 +140,15 @@ class GroveConfig:
                 f"rollout.overprovision={self.rollout.overprovision} (APRIL) carries unfinished groups into the "
                 "next policy version, which buffer.max_staleness=0 forbids. Set buffer.max_staleness=1 "
                 "(partial tokens older than that are masked out of the loss) or rollout.overprovision=1."
+            )
+        cluster, workers = self.cluster, self.rollout.num_workers
+        wanted = workers * cluster.rollout_cpus + cluster.trainer_cpus
+        if cluster.num_cpus is not None and wanted > cluster.num_cpus:
+            raise ValueError(
+                f"rollout.num_workers={workers} x cluster.rollout_cpus={cluster.rollout_cpus} + cluster.trainer_cpus="
+                f"{cluster.trainer_cpus} = {wanted} CPUs, but cluster.num_cpus={cluster.num_cpus}: Ray would never "
+                f"place them all and the run would wait forever. Set cluster.rollout_cpus="
+                f"{(cluster.num_cpus - cluster.trainer_cpus) / workers:g} (workers share the CPUs) or raise cluster.num_cpus."
             )
         needs = self.algorithm.requires_sampler
         if needs is not None and self.sampling.name != needs:

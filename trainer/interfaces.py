@@ -72,6 +72,14 @@ class TrainerClient(Protocol):
         """Write the policy as an HF model folder."""
 
 
+class RolloutFactory(Protocol):
+    """Starts a rollout worker to replace one that died."""
+
+    def restart(self, index: int) -> Awaitable[RolloutClient]:
+        """A new worker in slot `index`, started and already holding the trainer's newest
+        weights (labelled with their version), ready for `submit`."""
+
+
 class WeightTransport(Protocol):
     """How version v's weights reach every rollout engine."""
 
@@ -80,6 +88,11 @@ class WeightTransport(Protocol):
     def push(self, weights: Any, version: int, clients: Sequence[RolloutClient]) -> list[Awaitable[dict]]:
         """Start sending `weights` (a `StepHandle.weights`) as `version` to every client;
         one awaitable per client, in the order of `clients`."""
+
+
+class EngineDied(RuntimeError):
+    """The engine behind a client is gone (its process died, was killed, ran out of
+    memory): a client raises this from any call to it, so the orchestrator can replace it."""
 
 
 class RemoteCallError(RuntimeError):

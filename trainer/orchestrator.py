@@ -12,9 +12,12 @@ prompt sampler, `buffer.scheduler.RolloutScheduler`), and the engines are reache
 through `trainer.interfaces`, so the same code drives Ray actors in a run and
 in-process fakes in the unit tests.
 
-No call's result is dropped: a failed call (an exception in a worker, a dead actor)
-stops the run within seconds with a `RunError` that names the engine and the call, shows
-the remote traceback and prints the ledger.
+No call's result is dropped: a failed call (an exception in an engine, the trainer's
+death) stops the run within seconds with a `RunError` that names the engine and the
+call, shows the remote traceback and prints the ledger. A rollout worker that dies is
+replaced instead, up to `max_restarts` times: the groups it was running are started
+again from their prompt items (ledger `requeued`), and the new worker starts on the
+trainer's newest weights; until it is up the others carry the load.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from typing import Any, Protocol
 from buffer.prompts import PromptItem
 from buffer.sampling import PromptSampler
 from buffer.scheduler import RolloutScheduler
-from trainer.interfaces import RemoteCallError, RolloutClient, TrainerClient, WeightTransport, describe_error
+from trainer.interfaces import (EngineDied, RemoteCallError, RolloutClient, RolloutFactory, TrainerClient,
+                                WeightTransport, describe_error)
+from trainer.run_report import masked_note, merge_worker_stats, step_line, step_metrics
 
 COLLECT_TIMEOUT_S = 2.0  # a worker's collect returns at least this often, so a dead one is seen
 
@@ -43,6 +48,14 @@ class RunError(RuntimeError):
     """The run stopped on a fault; the message says where, why, and what the ledger held."""
 
 
+class WorkerLost(Exception):
+    """Inside the loop: rollout worker `index` died during a call."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"rollout worker {index} died: {error}")
+        self.index, self.error = index, error
+
+
 @dataclass
 class LoopConfig:
     """What the loop needs from the run's config (`from_config` maps a GroveConfig)."""
@@ -55,17 +68,19 @@ class LoopConfig:
     stragglers: str = "proceed"
     hold_on_interrupt: bool = True  # APRIL by pause: interrupted groups stay in the engine
     eval_every: int = 0
+    max_restarts: int = 0  # rollout workers that may die and be replaced in a run
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LoopConfig":
         return cls(cfg.trainer.total_steps, cfg.trainer.batch_groups, cfg.rollout.n_samples,
                    cfg.buffer.max_staleness, cfg.rollout.overprovision, cfg.buffer.stragglers,
-                   cfg.rollout.interrupt_by == "pause", cfg.eval.every_steps)
+                   cfg.rollout.interrupt_by == "pause", cfg.eval.every_steps, cfg.rollout.max_restarts)
 
 
 @dataclass
 class PendingSync:
-    """A weight push on its way to the workers, with what the step it came from trained."""
+    """A weight push on its way to the workers, with what the step it came from trained.
+    Its task gives {worker index: result} for the workers that took it."""
 
     task: asyncio.Future | None
     version: int
@@ -93,7 +108,7 @@ class Accounting:
 class Orchestrator:
     def __init__(self, cfg: LoopConfig, sampler: PromptSampler, rollouts: Sequence[RolloutClient],
                  trainer: TrainerClient, transport: WeightTransport, logger: RunLogger,
-                 eval_rows: Sequence[dict] = ()) -> None:
+                 eval_rows: Sequence[dict] = (), factory: RolloutFactory | None = None) -> None:
         if not rollouts:
             raise ValueError("the orchestrator needs at least one rollout client")
         self.cfg = cfg
@@ -103,44 +118,80 @@ class Orchestrator:
         self.transport = transport
         self.logger = logger
         self.eval_rows = list(eval_rows)
+        self.factory = factory
         self.sched = RolloutScheduler(cfg.batch_groups, cfg.n_samples, cfg.max_staleness, cfg.overprovision,
                                       cfg.stragglers)
         self.version = 0  # the trainer's; admission follows it
         self.queued: deque[PromptItem] = deque()  # drawn from the sampler, waiting for room
         self.syncs: deque[PendingSync] = deque()  # weight pushes in flight, oldest first
         self.acct = Accounting()
+        self.down: dict[int, asyncio.Future] = {}  # dead rollout workers -> their replacement starting
+        self.restarts = 0
         self._fired: set[asyncio.Future] = set()
         self._fault: asyncio.Future | None = None
 
     # -- calls ---------------------------------------------------------------------------
-    def _call(self, engine: str, call: str, awaitable: Awaitable) -> asyncio.Future:
-        """A task for one engine call, whose failure names the engine and the call."""
+    def _call(self, engine: str, call: str, awaitable: Awaitable, worker: int | None = None) -> asyncio.Future:
+        """A task for one engine call, whose failure names the engine and the call; the
+        death of rollout worker `worker` comes out as `WorkerLost`, to be replaced."""
 
         async def checked():
             try:
                 return await awaitable
+            except EngineDied as err:
+                if worker is None:
+                    raise RemoteCallError(engine, call, err) from err
+                raise WorkerLost(worker, err) from err
             except Exception as err:  # noqa: BLE001 - every failure is surfaced, named
                 raise RemoteCallError(engine, call, err) from err
 
         return asyncio.ensure_future(checked())
 
-    def _fire(self, engine: str, call: str, awaitable: Awaitable, on_result=None) -> None:
-        """A call whose result the loop does not wait for, checked all the same: a failure
-        stops the run at the loop's next turn."""
-        task = self._call(engine, call, awaitable)
+    def _fire(self, worker: int, call: str, awaitable: Awaitable, on_result=None) -> None:
+        """A call to a rollout worker whose result the loop does not wait for, checked all
+        the same: a failure stops the run at the loop's next turn, a death replaces it."""
+        task = self._call(self.rollouts[worker].name, call, awaitable, worker)
         self._fired.add(task)
 
         def done(t: asyncio.Future) -> None:
             self._fired.discard(t)
             if t.cancelled():
                 return
-            if t.exception() is not None:
-                if not self._fault.done():
-                    self._fault.set_exception(t.exception())
+            error = t.exception()
+            if isinstance(error, WorkerLost):
+                self._lost(error)
+            elif error is not None:
+                self._set_fault(error)
             elif on_result is not None:
                 on_result(t.result())
 
         task.add_done_callback(done)
+
+    def _set_fault(self, error: BaseException) -> None:
+        if not self._fault.done():
+            self._fault.set_exception(error)
+
+    def _lost(self, lost: WorkerLost) -> None:
+        """Rollout worker `lost.index` is dead: start its groups again and a replacement."""
+        i = lost.index
+        if i in self.down:
+            return  # already being replaced
+        self.restarts += 1
+        if self.factory is None or self.restarts > self.cfg.max_restarts:
+            self._set_fault(RemoteCallError(self.rollouts[i].name, "(any call)", RuntimeError(
+                f"the worker died ({lost.error}); rollout.max_restarts={self.cfg.max_restarts} "
+                f"replacements were allowed and {self.restarts - 1} used. Raise rollout.max_restarts to let "
+                "the run replace more, or find why the workers die (their logs above: out of memory?)")))
+            return
+        items = self.sched.requeue_worker(i)
+        self.queued.extendleft(reversed(items))
+        self.logger.progress(f"{self.rollouts[i].name} died ({type(lost.error).__name__}); its {len(items)} "
+                             f"groups start again elsewhere; replacement {self.restarts} of "
+                             f"{self.cfg.max_restarts} starting")
+        self.down[i] = self._call(self.rollouts[i].name, "restart", self.factory.restart(i))
+
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self.rollouts)) if i not in self.down]
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self) -> dict[str, int]:
@@ -156,7 +207,7 @@ class Orchestrator:
             raise RunError(f"{describe_error(err)}\nledger at the fault: {self._ledger_now()}") from err
         finally:  # nothing left running, and no failure left unretrieved (asyncio would log it)
             syncs = [s.task for s in self.syncs if s.task is not None]
-            for future in [*tasks, *self._fired, *syncs, self._fault]:
+            for future in [*tasks, *self._fired, *syncs, *self.down.values(), self._fault]:
                 if not future.done():
                     future.cancel()
                 elif not future.cancelled():
@@ -169,8 +220,8 @@ class Orchestrator:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, tasks: list) -> dict[str, int]:
         cfg, now = self.cfg, loop.time
-        first_stats = await asyncio.gather(*(self._call(c.name, "health", c.health()) for c in self.rollouts))
-        last_stats = list(first_stats)
+        first = await asyncio.gather(*(self._call(c.name, "health", c.health()) for c in self.rollouts))
+        first_stats = last_stats = dict(enumerate(first))
         collects = {i: self._collect(i) for i in range(len(self.rollouts))}
         train_task: asyncio.Future | None = None
         eval_task: asyncio.Future | None = None
@@ -184,7 +235,8 @@ class Orchestrator:
                     if train_task is not None:
                         self.acct.trainer_idle += now() - trainer_idle_since
             sync_task = self.syncs[0].task if self.syncs else None
-            tasks[:] = [t for t in (*collects.values(), train_task, sync_task, eval_task) if t is not None]
+            tasks[:] = [t for t in (*collects.values(), train_task, sync_task, eval_task, *self.down.values())
+                        if t is not None]
             await asyncio.wait([*tasks, self._fault], return_when=asyncio.FIRST_COMPLETED)
             if self._fault.done():
                 raise self._fault.exception()
@@ -194,8 +246,18 @@ class Orchestrator:
             idle_mark = t
             for i, task in list(collects.items()):
                 if task.done():
+                    del collects[i]
+                    if isinstance(task.exception(), WorkerLost):
+                        self._lost(task.exception())
+                        continue
                     self._absorb(task.result())
                     collects[i] = self._collect(i)
+            for i, replacement in list(self.down.items()):
+                if replacement.done():
+                    self.rollouts[i] = replacement.result()  # a failed restart raises here
+                    del self.down[i]
+                    collects[i] = self._collect(i)
+                    self.logger.progress(f"{self.rollouts[i].name} replaced; at work again")
             full_batch_waiting = self.sched.buffer.num_samples >= self.sched.batch_size
             step_ended = sync_task is not None and sync_task.done() and self.syncs[0].step_metrics is None
             if train_task is not None and (train_task.done() or step_ended):
@@ -205,45 +267,55 @@ class Orchestrator:
                 self.version += 1
                 self.syncs[-1].step_metrics, self.syncs[-1].started = metrics, now()
             if sync_task is not None and sync_task.done():
-                done = self.syncs.popleft()
-                stats = [r["stats"] for r in sync_task.result()]
-                t = now()
-                self.logger.log(done.version, self._step_metrics(done, sync_task.result(), stats, last_stats,
-                                                                 t - last_time, t - start, t - done.started),
-                                histograms={"staleness/group_age_hist": done.batch_ages})
-                last_stats, last_time = stats, t
+                done, results = self.syncs.popleft(), sync_task.result()
+                if results:  # (no worker took it if every one died meanwhile)
+                    t = now()
+                    self._log_step(done, results, last_stats, t - last_time, t - start, t - done.started)
+                    last_stats, last_time = {i: r["stats"] for i, r in results.items()}, t
                 if cfg.eval_every and done.version % cfg.eval_every == 0 and done.version < cfg.total_steps:
                     eval_task = self._evaluate()
             if eval_task is not None and eval_task.done():
-                result = eval_task.result()
-                eval_task = None
-                self.logger.log(self.version, result)
-                self.logger.progress(f"step {self.version}: held-out accuracy {result['eval/accuracy']:.3f}")
+                eval_task = self._evaluated(eval_task)
         return await self._finish(collects, first_stats, now() - start)
 
     def _collect(self, i: int) -> asyncio.Future:
         client = self.rollouts[i]
-        return self._call(client.name, "collect", client.collect(1, COLLECT_TIMEOUT_S))
+        return self._call(client.name, "collect", client.collect(1, COLLECT_TIMEOUT_S), i)
 
-    def _evaluate(self) -> asyncio.Future:
-        client = self.rollouts[0]
-        return self._call(client.name, "evaluate", client.evaluate(self.eval_rows))
+    def _evaluate(self) -> asyncio.Future | None:
+        live = self._live()
+        if not live:
+            return None
+        client = self.rollouts[live[0]]
+        return self._call(client.name, "evaluate", client.evaluate(self.eval_rows), live[0])
+
+    def _evaluated(self, task: asyncio.Future) -> None:
+        if isinstance(task.exception(), WorkerLost):
+            self._lost(task.exception())
+            self.logger.progress(f"step {self.version}: held-out evaluation skipped (its worker died)")
+            return None
+        result = task.result()
+        self.logger.log(self.version, result)
+        self.logger.progress(f"step {self.version}: held-out accuracy {result['eval/accuracy']:.3f}")
+        return None
 
     # -- decisions -------------------------------------------------------------------------
-    def _least_loaded(self) -> int:
-        """The worker with the fewest samples in flight (groups go by load, not in turn)."""
-        load = [0] * len(self.rollouts)
+    def _least_loaded(self) -> int | None:
+        """The live worker with the fewest samples in flight (groups go by load, not in turn)."""
+        load = dict.fromkeys(self._live(), 0)
         for running in self.sched.running.values():
-            load[running.worker] += running.samples
-        return min(range(len(load)), key=load.__getitem__)
+            if running.worker in load:
+                load[running.worker] += running.samples
+        return min(load, key=load.__getitem__) if load else None
 
     def _admit(self) -> None:
         """Resume partial groups first, then start new prompt items while there is room."""
         worker = self._least_loaded()
+        if worker is None:
+            return  # every worker is being replaced
         resume, _ = self.sched.partials_to_resume(self.version, worker)
         if resume:
-            client = self.rollouts[worker]
-            self._fire(client.name, "resume", client.resume(resume, self.version))
+            self._fire(worker, "resume", self.rollouts[worker].resume(resume, self.version))
         room = self.sched.capacity(self.version)
         by_worker: dict[int, list[PromptItem]] = {}
         while room > 0:
@@ -258,8 +330,7 @@ class Orchestrator:
             by_worker.setdefault(worker, []).append(item)
             self.sched.started([item], worker)
         for worker, items in by_worker.items():
-            client = self.rollouts[worker]
-            self._fire(client.name, "submit", client.submit(items))
+            self._fire(worker, "submit", self.rollouts[worker].submit(items))
 
     def _absorb(self, got: Any, final: bool = False) -> None:
         """File a worker's hand-over; the sampler sees every finished group and says which
@@ -277,38 +348,47 @@ class Orchestrator:
         batch = self.sched.next_batch(self.version)
         if batch is None:
             return None
+        live = self._live()
         if self.sched.april:  # stop what is generating until the next weights
-            for client in self.rollouts:
-                hold = self.sched.hold_running if self.cfg.hold_on_interrupt else None
-                self._fire(client.name, "interrupt", client.interrupt(), on_result=hold)
+            hold = self.sched.hold_running if self.cfg.hold_on_interrupt else None
+            for i in live:
+                self._fire(i, "interrupt", self.rollouts[i].interrupt(), on_result=hold)
         step = self.trainer.train_step(batch)
         version = self.version + 1
-        pushes = self.transport.push(step.weights, version, self.rollouts)
-        sync = asyncio.gather(*(self._call(c.name, "update_weights", p) for c, p in zip(self.rollouts, pushes)))
+        pushes = self.transport.push(step.weights, version, [self.rollouts[i] for i in live])
+        sync = asyncio.ensure_future(self._pushed(dict(zip(live, pushes))))
         self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
                                       self.sched.partial_ratio(batch), started=now))
         return self._call(self.trainer.name, "train_step", step.metrics)
 
+    async def _pushed(self, pushes: dict[int, Awaitable]) -> dict[int, dict]:
+        """The push's result from every worker that took it; a worker that died meanwhile is
+        replaced (its successor starts on the newest weights) instead of failing the push."""
+        calls = {i: self._call(self.rollouts[i].name, "update_weights", p, i) for i, p in pushes.items()}
+        try:
+            await asyncio.wait(calls.values())
+        finally:  # cancelled with the run: leave no call running and no failure unretrieved
+            for call in calls.values():
+                if not call.done():
+                    call.cancel()
+                elif not call.cancelled():
+                    call.exception()
+        results = {}
+        for i, call in calls.items():
+            if isinstance(call.exception(), WorkerLost):
+                self._lost(call.exception())
+            else:
+                results[i] = call.result()  # another failure raises: the run stops
+        return results
+
     # -- reporting -------------------------------------------------------------------------
-    def _step_metrics(self, done: PendingSync, results: list[dict], stats: list[dict], last: list[dict],
-                      wall: float, elapsed: float, sync_s: float) -> dict[str, float]:
-        wall, elapsed = max(wall, 1e-9), max(elapsed, 1e-9)
-        merged = merge_worker_stats(stats)
-        self.sched.ledger.samples_interrupted = int(merged["rollout/samples_interrupted"])
-        delta = {k: merged[k] - merge_worker_stats(last)[k]
-                 for k in ("rollout/tokens_generated", "rollout/busy_s", "rollout/request_s")}
-        metrics = {
-            **done.step_metrics,
-            **merged,
-            "weight_sync/apply_s": max(r["weight_sync_apply_s"] for r in results),
-            "weight_sync/drain_s": max(r["weight_sync_drain_s"] for r in results),
-            "weight_sync/load_s": max(r["weight_sync_load_s"] for r in results),
+    def _log_step(self, done: PendingSync, results: dict[int, dict], last: dict[int, dict], wall: float,
+                  elapsed: float, sync_s: float) -> None:
+        elapsed = max(elapsed, 1e-9)
+        self.sched.ledger.samples_interrupted = int(sum(r["stats"]["rollout/samples_interrupted"]
+                                                        for r in results.values()))
+        metrics = step_metrics(done.step_metrics, results, last, wall, {
             "weight_sync/total_s": sync_s,
-            "weight_sync/bytes": float(sum(r["weight_bytes"] for r in results)),
-            "rollout/requests_interrupted": float(sum(r["requests_interrupted"] for r in results)),
-            "rollout/tokens_per_s": delta["rollout/tokens_generated"] / wall,
-            "rollout/idle_ratio": 1.0 - delta["rollout/busy_s"] / (wall * len(stats)),
-            "rollout/concurrency_mean": delta["rollout/request_s"] / wall,
             "trainer/idle_ratio": self.acct.trainer_idle / elapsed,
             "trainer/straggler_wait_ratio": self.acct.straggler_wait / elapsed,
             "batch/partial_ratio": done.partial_ratio,
@@ -316,52 +396,45 @@ class Orchestrator:
             "staleness/group_age_mean": sum(done.batch_ages) / len(done.batch_ages),
             "buffer/groups": float(len(self.sched.buffer)),
             "buffer/partial_groups": float(len(self.sched.partial_pool)),
+            "rollout/workers_live": float(len(self._live())),
+            "rollout/restarts": float(self.restarts),
             **self.sampler.metrics(),
             **{f"ledger/{k}": float(v) for k, v in self.sched.ledger.as_dict().items()},
-        }
-        if len(stats) > 1:
-            for i, s in enumerate(stats):
-                metrics[f"rollout/worker{i}/version"] = s["rollout/version"]
-                metrics[f"rollout/worker{i}/in_flight_groups"] = s["rollout/in_flight_groups"]
-        self.logger.progress(
-            f"step {done.version}/{self.cfg.total_steps}  reward={metrics['train/reward_mean']:.3f}  "
-            f"loss={metrics['train/loss']:+.4f}  rollout_tok/s={metrics['rollout/tokens_per_s']:.0f}  "
-            f"sync={sync_s * 1000:.0f}ms  versions={int(metrics['batch/version_min'])}.."
-            f"{int(metrics['batch/version_max'])}  reward_fail={metrics.get('reward/failure_rate', 0.0):.0%}"
-        )
-        return metrics
+        })
+        self.logger.log(done.version, metrics, histograms={"staleness/group_age_hist": done.batch_ages})
+        self.logger.progress(step_line(done.version, self.cfg.total_steps, metrics))
 
-    async def _finish(self, collects: dict[int, asyncio.Future], first_stats: list[dict], wall: float) -> dict:
+    async def _finish(self, collects: dict[int, asyncio.Future], first_stats: dict[int, dict],
+                      wall: float) -> dict:
         """Cancel what is still generating, file everything, check the ledger."""
-        stops = [self._call(c.name, "stop", c.stop()) for c in self.rollouts]
+        live = self._live()
+        stops = [self._call(self.rollouts[i].name, "stop", self.rollouts[i].stop()) for i in live]
         cancelled = sum(await asyncio.gather(*stops))
-        for i, client in enumerate(self.rollouts):
+        for i in live:
+            client = self.rollouts[i]
             for task in (collects[i], self._call(client.name, "collect", client.collect(0, 0.0))):
                 self._absorb(await task, final=True)
         if cancelled != len(self.sched.running):
             raise RuntimeError(f"workers cancelled {cancelled} groups but the orchestrator counts "
                                f"{len(self.sched.running)} running")
-        stats = merge_worker_stats(await asyncio.gather(
-            *(self._call(c.name, "health", c.health()) for c in self.rollouts)))
-        first = merge_worker_stats(first_stats)
-        self.sched.ledger.samples_interrupted = int(stats["rollout/samples_interrupted"])
+        healths = await asyncio.gather(*(self._call(self.rollouts[i].name, "health", self.rollouts[i].health())
+                                         for i in live))
+        stats = merge_worker_stats(list(healths))
+        first = merge_worker_stats(list(first_stats.values()))
         self.acct.loop_s = wall = max(wall, 1e-9)
         summary = self.sched.summary(cancelled)
         self.logger.log(self.version, {
-            "run/rollout_idle_ratio": 1 - (stats["rollout/busy_s"] - first["rollout/busy_s"]) / (wall * len(self.rollouts)),
+            "run/rollout_idle_ratio": 1 - (stats["rollout/busy_s"] - first["rollout/busy_s"]) / (wall * len(live)),
             "run/trainer_idle_ratio": self.acct.trainer_idle / wall, "run/loop_s": wall,
             "run/trainer_straggler_wait_ratio": self.acct.straggler_wait / wall,
             "run/rollout_concurrency_mean": (stats["rollout/request_s"] - first["rollout/request_s"]) / wall,
+            "run/rollout_restarts": float(self.restarts),
             **{f"ledger/{k}": float(v) for k, v in summary.items()}})
         self.logger.progress(f"ledger: {summary}")
-        masked_share = summary["masked_tokens"] / max(summary["masked_tokens"] + self.acct.trained_tokens, 1.0)
-        if masked_share > 0.2:
-            self.logger.progress(
-                f"note: {masked_share:.0%} of the generated tokens were kept as context only, not trained on "
-                f"(older than buffer.max_staleness={self.cfg.max_staleness} when consumed). A larger "
-                "buffer.max_staleness or trainer.batch_groups leaves slow groups more time"
-                + ("." if self.sched.april else "; buffer.stragglers=wait trains every token at the price of the "
-                   "trainer waiting for them") + " See docs/async.md.")
+        note = masked_note(summary["masked_tokens"], self.acct.trained_tokens, self.cfg.max_staleness,
+                           self.sched.april)
+        if note:
+            self.logger.progress(note)
         if summary["lost"] != 0:
             raise RuntimeError(f"the ledger does not balance: {summary}")
         return summary
@@ -378,6 +451,7 @@ class Orchestrator:
             "queued": [item.to_dict() for item in self.queued],
             "syncs": [s.state() for s in self.syncs],
             "accounting": asdict(self.acct),
+            "restarts": self.restarts,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,17 +461,4 @@ class Orchestrator:
         self.queued = deque(PromptItem.from_dict(item) for item in state["queued"])
         self.syncs = deque(PendingSync(None, **s) for s in state["syncs"])
         self.acct = Accounting(**state["accounting"])
-
-
-def merge_worker_stats(stats: list[dict[str, float]]) -> dict[str, float]:
-    """Several workers' counters as one: sums, except rates, ratios, latencies and
-    versions, which are averaged."""
-    if len(stats) == 1:
-        return dict(stats[0])
-    averaged = ("rate", "ratio", "latency", "version")
-    merged: dict[str, float] = {}
-    for key in stats[0]:
-        values = [float(s.get(key, 0.0)) for s in stats]
-        merged[key] = sum(values) / len(values) if any(a in key for a in averaged) else sum(values)
-    return merged
-
+        self.restarts = state["restarts"]

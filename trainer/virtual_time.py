@@ -33,5 +33,13 @@ def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
     loop = VirtualClockLoop()
     try:
         return loop.run_until_complete(coro)
-    finally:
+    finally:  # whatever the simulated engines still run ends with the loop
+        loop.run_until_complete(_cancel_the_rest())
         loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

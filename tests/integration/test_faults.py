@@ -4,6 +4,7 @@ killed mid-run, and non-finite training steps."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -75,37 +76,65 @@ def test_a_reward_that_mostly_fails_trips_the_alarm_and_exits_nonzero(tmp_path, 
     assert "picky reward found no answer" in out.stderr
 
 
-def rollout_worker_pid(root: int) -> int | None:
+def rollout_worker_pids(root: int) -> list[int]:
+    pids = []
     for proc in psutil.Process(root).children(recursive=True):
         try:
             if "RolloutWorker" in " ".join(proc.cmdline()[:3]):
-                return proc.pid
+                pids.append(proc.pid)
         except psutil.Error:
             continue
-    return None
+    return sorted(pids)
 
 
-def test_a_killed_rollout_worker_stops_the_run_within_seconds_with_the_ledger(tmp_path, model_path):
-    cmd = [sys.executable, "-m", "trainer.cli", "train", f"output_root={tmp_path}", "run_name=kill",
-           "logger=none", "trainer.total_steps=400", "eval.every_steps=0", "eval.max_rows=50"]
+def run_and_kill_a_worker(tmp_path: Path, name: str, overrides: list[str], after_steps: int = 3):
+    """Start `grove train`, kill -9 a rollout worker once `after_steps` steps are logged;
+    returns (the process after it ended, its stderr, seconds from the kill to the end)."""
+    cmd = [sys.executable, "-m", "trainer.cli", "train", f"output_root={tmp_path}", f"run_name={name}",
+           "logger=none", "eval.every_steps=0", "eval.max_rows=50", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "kill" / "metrics.jsonl"
+    metrics = tmp_path / name / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"train/loss"') >= 3:
+        if metrics.exists() and metrics.read_text().count('"train/loss"') >= after_steps:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    pid = rollout_worker_pid(proc.pid)
-    assert pid is not None
-    psutil.Process(pid).send_signal(signal.SIGKILL)
+    pids = rollout_worker_pids(proc.pid)
+    assert pids
+    psutil.Process(pids[-1]).send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
+    return proc, stdout, stderr, time.monotonic() - killed_at
+
+
+def test_a_killed_rollout_worker_past_max_restarts_stops_the_run_within_seconds(tmp_path, model_path):
+    proc, _, stderr, seconds = run_and_kill_a_worker(
+        tmp_path, "kill", ["trainer.total_steps=400", "rollout.max_restarts=0"])
     assert proc.returncode == 1, stderr[-3000:]
-    assert time.monotonic() - killed_at < 60  # seen within seconds (the rest is Ray shutting down)
+    assert seconds < 60  # seen within seconds (the rest is Ray shutting down)
     failed = stderr[stderr.index("grove: run failed"):] if "grove: run failed" in stderr else stderr[-3000:]
     assert failed.startswith("grove: run failed: rollout worker 0:"), failed[:3000]
-    assert "ledger at the fault" in stderr and "'started'" in stderr
+    assert "rollout.max_restarts=0" in failed and "ledger at the fault" in failed and "'started'" in failed
+
+
+def test_one_of_two_workers_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, model_path):
+    """kill -9 of one of two rollout workers: its groups start again on the other, a new
+    worker takes its place with the newest weights, the run finishes, the ledger balances."""
+    # long enough (~0.15 s a step here) for the replacement's engine to start (~20-30 s) and work
+    proc, stdout, stderr, _ = run_and_kill_a_worker(
+        tmp_path, "two", ["trainer.total_steps=300", "trainer.batch_groups=8", "rollout.num_workers=2",
+                          "cluster.rollout_cpus=0.5", "buffer.max_staleness=2"], after_steps=2)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "rollout worker 1 died" in stderr and "rollout worker 1 replaced; at work again" in stderr
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 301))
+    final = next(r for r in reversed(records) if "ledger/lost" in r)
+    assert final["ledger/lost"] == 0 and final["run/rollout_restarts"] == 1
+    assert final["ledger/requeued"] >= 1 and final["ledger/consumed"] >= 300 * 8
+    assert max(r["staleness/token_age_max"] for r in steps) <= 2
+    assert steps[-1]["rollout/workers_live"] == 2
 
 
 def nan_group(trainer) -> Group:

@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from buffer.types import FinishReason, Group, Trajectory
-from trainer.interfaces import StepHandle
+from trainer.interfaces import EngineDied, StepHandle
 from trainer.virtual_time import run_virtual  # noqa: F401 - the tests import it from here
 
 
@@ -51,6 +51,7 @@ class FakeRollout:
     long_tokens: int = 30
     sync_s: float = 0.005
     fail: dict = field(default_factory=dict)  # call name -> exception its next call raises
+    die_after_tokens: int | None = None  # the engine dies (all its work lost) after this many tokens
     version: int = 0
     received: list = field(default_factory=list)  # versions of the weight updates, in order
     submitted: list = field(default_factory=list)  # (virtual time, item) for every item
@@ -64,6 +65,7 @@ class FakeRollout:
         self._weights: asyncio.Event | None = None
         self._resume: asyncio.Event | None = None  # cleared while APRIL holds requests
         self.active: dict[str, int] = {}  # group id -> responses generating
+        self.dead = False
 
     def _events(self) -> None:
         if self._changed is None:
@@ -71,8 +73,19 @@ class FakeRollout:
             self._resume.set()
 
     def _maybe_fail(self, call: str):
+        if self.dead:
+            return _failing(EngineDied(f"{self.name} is dead"))
         error = self.fail.pop(call, None)
         return None if error is None else _failing(error)
+
+    def _die(self) -> None:
+        """As a killed process: everything in flight is gone, every call fails from now on."""
+        self.dead = True
+        for task in list(self.tasks):
+            task.cancel()
+        self._changed.set()
+        self._weights.set()
+        self._resume.set()
 
     # -- RolloutClient ---------------------------------------------------------------
     def submit(self, items):
@@ -124,6 +137,8 @@ class FakeRollout:
         return _done({"eval/accuracy": 0.5})
 
     def stop(self):
+        if (f := self._maybe_fail("stop")) is not None:
+            return f
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -159,6 +174,8 @@ class FakeRollout:
                 continue  # held before this token was sampled
             traj.append_tokens([7], [-0.5], self.version)
             self.tokens += 1
+            if self.die_after_tokens is not None and self.tokens >= self.die_after_tokens and not self.dead:
+                self._die()
         traj.finish_reason = FinishReason.STOP
 
     async def _collect(self, min_groups: int, timeout_s: float) -> Collected:
@@ -173,13 +190,21 @@ class FakeRollout:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 break
+            if self.dead:
+                break
+        if self.dead:
+            raise EngineDied(f"{self.name} is dead")
         out, self.out = self.out, Collected([], [], [])
         return out
 
     async def _update(self, weights, version: int) -> dict:
         payload = await weights if inspect.isawaitable(weights) else weights
         await asyncio.sleep(self.sync_s)
-        assert version == self.version + 1, f"{self.name}: update to {version} while at {self.version}"
+        if self.dead:
+            raise EngineDied(f"{self.name} is dead")
+        # as the real worker: versions only move forward (a replacement that started on a
+        # newer version than a push already under way skips it)
+        assert version > self.version, f"{self.name}: update to {version} while at {self.version}"
         assert payload == ("weights", version) or payload is None, payload
         self.version = version
         self.received.append(version)
@@ -191,6 +216,7 @@ class FakeRollout:
     def stats(self) -> dict[str, float]:
         return {"rollout/samples_interrupted": 0.0, "rollout/tokens_generated": float(self.tokens),
                 "rollout/busy_s": 0.0, "rollout/request_s": 0.0, "rollout/version": float(self.version),
+                "rollout/uptime_s": asyncio.get_running_loop().time(),
                 "rollout/in_flight_groups": float(len(self.tasks)), "reward/failure_rate": 0.0}
 
 
@@ -201,6 +227,7 @@ class FakeTrainer:
     step_s: float = 0.05
     fail: dict = field(default_factory=dict)
     version: int = 0
+    completed: int = 0  # versions whose step has ended (what a new worker starts from)
     batches: list = field(default_factory=list)  # group ids of every batch, in order
     ages: list = field(default_factory=list)  # age of every trained token
 
@@ -221,6 +248,7 @@ class FakeTrainer:
                 self.ages += trained
         self.batches.append([g.group_id for g in groups])
         await asyncio.sleep(self.step_s)
+        self.completed = version + 1
         versions = [v for g in groups for t in g.trajectories for v in t.versions]
         return {"train/num_tokens": float(sum(t.num_response_tokens for g in groups for t in g.trajectories)),
                 "train/reward_mean": 0.5, "train/loss": 0.0, "batch/version_min": float(min(versions)),
@@ -232,6 +260,26 @@ class FakeTrainer:
 
     def save(self, path):
         return _done(None)
+
+
+@dataclass
+class FakeFactory:
+    """Replaces a dead FakeRollout with a new one holding the trainer's newest weights."""
+
+    trainer: FakeTrainer
+    start_s: float = 0.5
+    made: list = field(default_factory=list)
+
+    def restart(self, index: int):
+        return asyncio.ensure_future(self._start(index))
+
+    async def _start(self, index: int) -> FakeRollout:
+        await asyncio.sleep(self.start_s)
+        worker = FakeRollout(name=f"rollout worker {index}", seed=100 + len(self.made))
+        worker._events()
+        worker.version = self.trainer.completed
+        self.made.append(worker)
+        return worker
 
 
 class RecordingLogger:

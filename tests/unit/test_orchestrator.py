@@ -9,7 +9,7 @@ import json
 import pytest
 
 from buffer.sampling import DapoFilter, UniformSampler
-from tests.unit.fakes import FakeRollout, FakeTrainer, RecordingLogger, run_virtual
+from tests.unit.fakes import FakeFactory, FakeRollout, FakeTrainer, RecordingLogger, run_virtual
 from trainer.clients import ObjectStoreTransport
 from trainer.orchestrator import LoopConfig, Orchestrator, RunError
 
@@ -138,3 +138,46 @@ def test_state_round_trips_mid_run_through_json():
     assert [i.prompt_id for i in again.sampler.next(3, 0)] == upcoming  # no prompt skipped or replayed
     running = next(iter(again.sched.running.values()))
     assert running.worker == 0 and running.item.n_samples == 2  # what a dead worker's re-queue needs
+
+
+def make_with_factory(max_restarts, **kwargs):
+    orch, rollouts, trainer, logger = make(**kwargs)
+    orch.cfg.max_restarts = max_restarts
+    orch.factory = FakeFactory(trainer)
+    return orch, rollouts, trainer, logger
+
+
+@pytest.mark.parametrize("eta,stragglers", [(1, "proceed"), (2, "wait")])
+def test_a_dead_worker_is_replaced_and_nothing_is_lost_or_trained_twice(eta, stragglers):
+    orch, rollouts, trainer, logger = make_with_factory(2, eta=eta, stragglers=stragglers, workers=2, steps=14)
+    rollouts[1].die_after_tokens = 150  # mid-run, with groups in flight
+    summary = run_virtual(orch.run())
+    assert rollouts[1].dead and orch.restarts == 1 and len(orch.factory.made) == 1
+    assert summary["lost"] == 0 and summary["requeued"] > 0
+    trained = [gid for batch in trainer.batches for gid in batch]
+    assert len(trained) == len(set(trained)) == summary["consumed"]  # no group trained twice
+    assert max(trainer.ages) <= eta
+    replacement = orch.factory.made[0]
+    assert orch.rollouts[1] is replacement and replacement.received  # it took later versions
+    assert replacement.received == sorted(set(replacement.received)) and replacement.received[-1] == 14
+    assert rollouts[0].received == list(range(1, 15))  # the other worker never missed one
+    assert any("died" in line for line in logger.lines) and any("replaced" in line for line in logger.lines)
+
+
+def test_requeued_prompts_are_started_again_not_skipped():
+    orch, rollouts, trainer, _ = make_with_factory(1, eta=1, workers=2, steps=10)
+    rollouts[0].die_after_tokens = 100
+    run_virtual(orch.run())
+    lost_prompts = {item.prompt_id for _, item in rollouts[0].submitted} - {
+        g.prompt_id for g in rollouts[0].out.groups}
+    restarted = {item.prompt_id for w in (rollouts[1], *orch.factory.made) for _, item in w.submitted}
+    # every prompt the dead worker was running went to a live worker afterwards
+    requeued = orch.sched.ledger.requeued
+    assert requeued > 0 and len(lost_prompts & restarted) >= 1
+
+
+def test_more_deaths_than_max_restarts_stop_the_run_naming_the_worker():
+    orch, rollouts, trainer, _ = make_with_factory(0, eta=1, workers=2)
+    rollouts[1].die_after_tokens = 50
+    with pytest.raises(RunError, match=r"rollout worker 1: .*died.*rollout.max_restarts=0"):
+        run_virtual(orch.run())
