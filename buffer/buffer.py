@@ -42,8 +42,10 @@ class Ledger:
     A group is started once; it then is running, buffered, in the partial pool,
     consumed, dropped (by a reward failure policy, or rejected by its rollout workflow),
     filtered (the prompt sampler kept it out of batches, as DAPO's dynamic sampling
-    does zero-variance groups), or requeued (its rollout worker died with it; its prompt
-    item starts again as a new group, so nothing is lost and nothing is trained twice). `partial`, `resumed` and `samples_interrupted` count
+    does zero-variance groups), requeued (its rollout worker died with it; its prompt
+    item starts again as a new group, so nothing is lost and nothing is trained twice),
+    extending (finished, waiting for the extra samples the sampler asked for, DARS), or
+    merged (those extra samples, now part of the group they extend). `partial`, `resumed` and `samples_interrupted` count
     events, not groups in a state.
     """
 
@@ -53,6 +55,7 @@ class Ledger:
     dropped: int = 0
     filtered: int = 0
     requeued: int = 0  # lost with a dead rollout worker; its prompt item was started again as a new group
+    merged: int = 0  # extension groups merged into the group they extend (DARS), trained as part of it
     partial: int = 0  # times a group was handed back unfinished (APRIL)
     resumed: int = 0  # times a partial group was resumed
     samples_interrupted: int = 0  # requests aborted by a weight update and resumed
@@ -61,11 +64,11 @@ class Ledger:
     @property
     def retired(self) -> int:
         """Groups that no longer take a slot in the admission count."""
-        return self.dropped + self.filtered + self.requeued
+        return self.dropped + self.filtered + self.requeued + self.merged
 
-    def lost(self, running: int, buffered: int, partial_pool: int = 0) -> int:
+    def lost(self, running: int, buffered: int, partial_pool: int = 0, extending: int = 0) -> int:
         """Started groups found in no state at all."""
-        return self.started - running - buffered - partial_pool - self.consumed - self.retired
+        return self.started - running - buffered - partial_pool - extending - self.consumed - self.retired
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -28,6 +28,9 @@ class PromptItem:
     # Text generated from but not trained on: put before `prompt` for the engine only
     # (XRPO's in-context seeding); the responses are trained against `prompt` alone.
     context: str = ""
+    # The id of a finished group these samples extend (DARS's second stage): when they are
+    # done they are merged into it, and the two are trained as one group.
+    extends: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

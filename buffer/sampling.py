@@ -35,7 +35,11 @@ class PromptSampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def metrics(self) -> dict[str, float]:
-        """Values to log with the next step, under `sampling/`."""
+        """Values to log with the next step, under `sampling/`.
+
+        A sampler that extends groups (DARS) also has `holding() -> set[str]`, the ids of
+        observed groups it holds for more samples (neither trained nor filtered yet), and
+        `urgent(version) -> list[PromptItem]`, their extensions, started whatever the room."""
 
 
 @dataclass
@@ -113,6 +117,14 @@ class DapoFilter:
                 )
         return kept
 
+    def holding(self) -> set[str]:
+        holding = getattr(self.inner, "holding", None)
+        return holding() if holding else set()
+
+    def urgent(self, version: int) -> list[PromptItem]:
+        urgent = getattr(self.inner, "urgent", None)
+        return urgent(version) if urgent else []
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "filtered": self.filtered,
                 "filtered_in_a_row": self.filtered_in_a_row}
@@ -126,11 +138,13 @@ class DapoFilter:
 
 
 # Imported here, below the classes above, so buffer.strategies may import this module.
+from buffer.dars import DarsSampler  # noqa: E402
 from buffer.strategies import VadeSampler, XrpoSampler  # noqa: E402
 
 # dapo_filter: uniform prompts, zero-variance groups filtered (`build_sampler` wraps it);
 # vade, xrpo: difficulty-adaptive samplers (buffer/strategies.py, docs/sampling.md)
-SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler, "vade": VadeSampler, "xrpo": XrpoSampler}
+SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler, "vade": VadeSampler, "xrpo": XrpoSampler,
+            "dars": DarsSampler}
 
 
 def build_sampler(cfg: SamplingConfig, rows: Sequence[dict[str, Any]], n_samples: int, seed: int,

@@ -82,6 +82,8 @@ class RolloutScheduler:
         self.samples_retired = 0  # of dropped and filtered groups: their slots are free again
         self.samples_consumed = 0
         self.last_batch_samples = 0
+        self.extending: dict[str, Group] = {}  # finished groups waiting for their extension's samples
+        self.extension_of: dict[str, str] = {}  # extension group id -> the group it extends
         self.batch_taken = -1  # the last version a batch was handed out for
 
     def generation_open(self, version: int) -> bool:
@@ -135,9 +137,38 @@ class RolloutScheduler:
     def started(self, items: Iterable[PromptItem], worker: int = 0) -> None:
         """`items` went to rollout worker `worker`, admitted at their `start_version`."""
         for item in items:
+            if item.extends and item.extends not in self.extending:
+                raise ValueError(f"item {item.group_id} extends group {item.extends!r}, which is not waiting "
+                                 "for an extension")
             self.running[item.group_id] = RunningGroup(item, worker, item.start_version)
             self.ledger.started += 1
             self.samples_started += item.n_samples
+            if item.extends:
+                self.extension_of[item.group_id] = item.extends
+
+    # -- extensions (DARS) ---------------------------------------------------------------
+    def hold_for_extension(self, group: Group) -> None:
+        """A finished group the sampler extends: it waits, out of the buffer, for the extra
+        samples; until then it binds the schedule as a running group does."""
+        if group.group_id in self.running:
+            self._finish(group.group_id)
+        elif group.group_id not in self.extending:
+            raise ValueError(f"group {group.group_id} is neither running nor extending")
+        self.extending[group.group_id] = group
+
+    def merge_extension(self, extension: Group) -> Group:
+        """The extension's samples join the group they extend; returns that group (its start
+        version stays the older one, so the staleness bound holds for every token)."""
+        base_id = self.extension_of.pop(extension.group_id)
+        self._finish(extension.group_id)
+        self.ledger.merged += 1
+        base = self.extending.pop(base_id)
+        base.trajectories = [*base.trajectories, *extension.trajectories]
+        self.extending[base_id] = base  # until the sampler says where it goes
+        return base
+
+    def is_extension(self, group_id: str) -> bool:
+        return group_id in self.extension_of
 
     # -- what came back ----------------------------------------------------------------
     def absorb(self, groups: list[Group], dropped: list[str], partial: list[Group],
@@ -149,11 +180,17 @@ class RolloutScheduler:
             self._finish(group.group_id)
             self.buffer.put(group)
         for group_id in filtered:
-            self._retire(self._finish(group_id))
+            if group_id in self.extending:  # a merged group the sampler filtered
+                self._retire_extended(self.extending.pop(group_id))
+            else:
+                self._retire(self._finish(group_id))
             self.ledger.filtered += 1
         for group_id in dropped:
             self._retire(self.running.pop(group_id))
             self.ledger.dropped += 1
+            base_id = self.extension_of.pop(group_id, None)
+            if base_id is not None:  # an extension the rewards dropped: its group trains as it was
+                self.buffer.put(self.extending.pop(base_id))
         for group in partial:
             self.running.pop(group.group_id)
             self.partial_pool.append(group)
@@ -169,14 +206,23 @@ class RolloutScheduler:
             running = self.running.pop(group_id)
             self._retire(running)
             self.ledger.requeued += 1
+            self.extension_of.pop(group_id, None)
             items.append(PromptItem(prompt_id=running.item.prompt_id, prompt=running.item.prompt,
                                     row=running.item.row, n_samples=running.item.n_samples,
-                                    context=running.item.context))
+                                    context=running.item.context, extends=running.item.extends))
         return items
 
-    def _finish(self, group_id: str) -> RunningGroup:
+    def _finish(self, group_id: str) -> RunningGroup | None:
+        """Out of `running` (or out of `extending`, for a merged group: counted finished once)."""
+        if group_id in self.extending:
+            self.extending.pop(group_id)
+            return None
         self.ledger.finished += 1
         return self.running.pop(group_id)
+
+    def _retire_extended(self, group: Group) -> None:
+        self.samples_retired += group.num_samples
+        self.was_partial.discard(group.group_id)
 
     def _retire(self, running: RunningGroup) -> None:
         self.samples_retired += running.samples
@@ -186,7 +232,8 @@ class RolloutScheduler:
     def next_batch(self, version: int) -> list[Group] | None:
         """A batch for the trainer at `version`, or None to wait. Under APRIL the caller
         then interrupts everything still generating."""
-        binding: Iterable[tuple[int, int]] = [(r.start_version, r.samples) for r in self.running.values()]
+        binding: Iterable[tuple[int, int]] = [(r.start_version, r.samples) for r in self.running.values()] + [
+            (g.start_version, g.num_samples) for g in self.extending.values()]
         if self.proceed_past_stragglers:
             # Running groups do not bind the schedule: whatever is consumed keeps its tokens
             # of the last η versions for training and its older ones as context only.
@@ -211,11 +258,12 @@ class RolloutScheduler:
 
     def lost(self, cancelled: int | None = None) -> int:
         running = len(self.running) if cancelled is None else cancelled
-        return self.ledger.lost(running, len(self.buffer), len(self.partial_pool))
+        return self.ledger.lost(running, len(self.buffer), len(self.partial_pool), len(self.extending))
 
     def summary(self, cancelled: int) -> dict[str, int]:
         return {**self.ledger.as_dict(), "unfinished_at_exit": cancelled, "buffered_at_exit": len(self.buffer),
-                "partial_at_exit": len(self.partial_pool), "lost": self.lost(cancelled)}
+                "partial_at_exit": len(self.partial_pool), "extending_at_exit": len(self.extending),
+                "lost": self.lost(cancelled)}
 
     # -- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +281,8 @@ class RolloutScheduler:
             "samples_consumed": self.samples_consumed,
             "last_batch_samples": self.last_batch_samples,
             "batch_taken": self.batch_taken,
+            "extending": [g.to_dict() for g in self.extending.values()],
+            "extension_of": dict(self.extension_of),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,6 +299,8 @@ class RolloutScheduler:
         self.samples_consumed = state["samples_consumed"]
         self.last_batch_samples = state["last_batch_samples"]
         self.batch_taken = state["batch_taken"]
+        self.extending = {g["group_id"]: Group.from_dict(g) for g in state["extending"]}
+        self.extension_of = dict(state["extension_of"])
 
 
 def item_of(group: Group) -> PromptItem:

@@ -316,8 +316,13 @@ class Orchestrator:
         resume, _ = self.sched.partials_to_resume(self.version, worker)
         if resume:
             self._fire(worker, "resume", self.rollouts[worker].resume(resume, self.version))
-        room = self.sched.capacity(self.version)
         by_worker: dict[int, list[PromptItem]] = {}
+        urgent = getattr(self.sampler, "urgent", None)
+        for item in urgent(self.version) if urgent else ():  # extensions of groups admitted already
+            worker = self._least_loaded()
+            by_worker.setdefault(worker, []).append(item)
+            self.sched.started([item], worker)
+        room = self.sched.capacity(self.version)
         while room > 0:
             if not self.queued:
                 self.queued.extend(self.sampler.next(max(1, room // self.cfg.n_samples), self.version))
@@ -333,15 +338,26 @@ class Orchestrator:
             self._fire(worker, "submit", self.rollouts[worker].submit(items))
 
     def _absorb(self, got: Any, final: bool = False) -> None:
-        """File a worker's hand-over; the sampler sees every finished group and says which
-        to train on (at the end of a run everything is filed as it is)."""
-        kept = got.groups if final else self.sampler.observe(list(got.groups))
-        ids = {g.group_id for g in got.groups}
+        """File a worker's hand-over. An extension's samples are merged into the group they
+        extend first. The sampler then sees every finished group and says which to train
+        on, and which it holds for more samples (at the end of a run everything is filed
+        as it is)."""
+        groups = [self.sched.merge_extension(g) if self.sched.is_extension(g.group_id) else g for g in got.groups]
+        kept, held = groups, set()
+        if not final:
+            kept = self.sampler.observe(list(groups))
+            holding = getattr(self.sampler, "holding", None)
+            held = set(holding()) if holding else set()
+        ids = {g.group_id for g in groups}
         kept_ids = {g.group_id for g in kept}
         if not kept_ids <= ids:
             raise RuntimeError(f"prompt sampler {type(self.sampler).__name__}.observe returned groups it was "
                                f"not given: {sorted(kept_ids - ids)[:3]}")
-        self.sched.absorb(kept, got.dropped, got.partial, [gid for gid in ids if gid not in kept_ids])
+        for group in groups:
+            if group.group_id in held and group.group_id not in kept_ids:
+                self.sched.hold_for_extension(group)
+        filtered = [gid for gid in ids if gid not in kept_ids and gid not in held]
+        self.sched.absorb(kept, got.dropped, got.partial, filtered)
 
     def _start_step(self, now: float) -> asyncio.Future | None:
         """Hand the trainer a batch if one is due; its weights are pushed as soon as it ends."""

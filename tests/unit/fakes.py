@@ -228,6 +228,7 @@ class FakeTrainer:
     fail: dict = field(default_factory=dict)
     version: int = 0
     completed: int = 0  # versions whose step has ended (what a new worker starts from)
+    max_group_size: int = 0
     batches: list = field(default_factory=list)  # group ids of every batch, in order
     ages: list = field(default_factory=list)  # age of every trained token
 
@@ -247,6 +248,7 @@ class FakeTrainer:
                 assert all(age <= self.eta for age in trained), (g.group_id, version, t.versions, t.loss_mask)
                 self.ages += trained
         self.batches.append([g.group_id for g in groups])
+        self.max_group_size = max(self.max_group_size, *(g.num_samples for g in groups))
         await asyncio.sleep(self.step_s)
         self.completed = version + 1
         versions = [v for g in groups for t in g.trajectories for v in t.versions]

@@ -181,3 +181,22 @@ def test_more_deaths_than_max_restarts_stop_the_run_naming_the_worker():
     rollouts[1].die_after_tokens = 50
     with pytest.raises(RunError, match=r"rollout worker 1: .*died.*rollout.max_restarts=0"):
         run_virtual(orch.run())
+
+
+@pytest.mark.parametrize("eta,stragglers", [(0, "wait"), (1, "wait"), (2, "proceed")])
+def test_dars_extensions_merge_into_their_group_within_the_staleness_bound(eta, stragglers):
+    """Hard groups (accuracy < 0.5) wait for their extension, which is merged in before
+    they are trained: larger groups reach the trainer, no token is older than eta, nothing
+    is lost, every group is trained once."""
+    from buffer.dars import DarsSampler
+
+    sampler = DarsSampler(ROWS, 4, seed=0, cap=10)
+    orch, _, trainer, logger = make(eta=eta, stragglers=stragglers, n=4, sampler=sampler, steps=10)
+    summary = run_virtual(orch.run())
+    assert summary["lost"] == 0 and summary["merged"] > 0 and sampler.counts["extended_groups"] > 0
+    assert max(trainer.ages) <= eta
+    trained = [gid for batch in trainer.batches for gid in batch]
+    assert len(trained) == len(set(trained))
+    assert any(m.get("sampling/merged_groups", 0) > 0 for _, m in logger.logs)
+    # an extended group reaches the trainer with its first stage and its extension: > 4 samples
+    assert trainer.max_group_size > 4

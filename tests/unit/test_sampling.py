@@ -85,3 +85,42 @@ def test_load_plugin_names_the_field_and_the_problem(tmp_path):
     with pytest.raises(ValueError, match="has no attribute 'X'"):
         load_plugin("rollout.workflow", "here.py:X", {}, cwd=str(tmp_path))
     assert load_plugin("rollout.workflow", "here.py:Y", {}, cwd=str(tmp_path)) == 1
+
+
+def test_dars_holds_a_hard_group_asks_its_extension_once_and_keeps_it_merged():
+    from buffer.dars import DarsSampler
+    from buffer.strategies import dars_extra_samples
+
+    sampler = DarsSampler(ROWS, 4, seed=0)
+    hard, easy = finished("hard", [1.0, 0.0, 0.0, 0.0]), finished("easy", [1.0, 1.0, 0.0, 1.0])
+    assert sampler.observe([hard, easy]) == [easy]
+    assert sampler.holding() == {"hard"}
+    (item,) = sampler.urgent(version=3)
+    assert item.extends == "hard" and item.n_samples == dars_extra_samples(0.25, 4) > 0 and item.start_version == 3
+    assert sampler.urgent(3) == []  # asked once
+    state = json.loads(json.dumps(sampler.state_dict()))
+    hard.trajectories += finished("ext", [0.0] * item.n_samples).trajectories  # merged by the scheduler
+    assert sampler.observe([hard]) == [hard] and sampler.holding() == set()  # not extended twice
+    again = DarsSampler(ROWS, 4, seed=0)
+    again.load_state_dict(state)
+    assert again.holding() == {"hard"} and again.state_dict() == state
+    assert sampler.metrics()["sampling/merged_groups"] == 1.0
+
+
+def test_the_scheduler_holds_merges_and_accounts_for_an_extension():
+    from buffer.prompts import PromptItem
+    from buffer.scheduler import RolloutScheduler
+
+    sched = RolloutScheduler(batch_groups=1, n_samples=2, max_staleness=1, stragglers="wait")
+    base_item = PromptItem("p", "1+1=", {}, 2, group_id="base")
+    sched.started([base_item])
+    base = finished("base", [0.0, 0.0])
+    sched.hold_for_extension(base)
+    assert sched.lost() == 0 and sched.next_batch(1) is None  # it binds: due at version 1, not buffered
+    sched.started([PromptItem("p", "1+1=", {}, 3, group_id="ext", extends="base", start_version=1)])
+    merged = sched.merge_extension(finished("ext", [1.0, 0.0, 0.0]))
+    assert merged is base and base.num_samples == 5 and sched.ledger.merged == 1
+    sched.absorb([merged], [], [])
+    assert sched.lost() == 0 and sched.next_batch(1) == [base]
+    with pytest.raises(ValueError, match="not waiting for an extension"):
+        sched.started([PromptItem("p", "1+1=", {}, 3, group_id="x", extends="nobody")])
