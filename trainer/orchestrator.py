@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from buffer.prompts import PromptItem
@@ -33,7 +33,7 @@ from buffer.sampling import PromptSampler
 from buffer.scheduler import RolloutScheduler
 from trainer.interfaces import (EngineDied, RemoteCallError, RolloutClient, RolloutFactory, TrainerClient,
                                 WeightTransport, describe_error)
-from trainer.run_report import masked_note, merge_worker_stats, step_line, step_metrics
+from trainer.run_report import budget_shares, masked_note, merge_worker_stats, step_line, step_metrics
 
 COLLECT_TIMEOUT_S = 2.0  # a worker's collect returns at least this often, so a dead one is seen
 
@@ -86,11 +86,14 @@ class PendingSync:
     version: int
     batch_ages: list[int]
     partial_ratio: float
+    pass_rates: list[float] = field(default_factory=list)  # per group: share of responses with reward >= 1
+    group_sizes: list[int] = field(default_factory=list)
     step_metrics: dict[str, float] | None = None  # set when the step's own result arrives
     started: float = 0.0  # when the step ended
 
     def state(self) -> dict[str, Any]:
-        return {"version": self.version, "batch_ages": self.batch_ages, "partial_ratio": self.partial_ratio}
+        return {"version": self.version, "batch_ages": self.batch_ages, "partial_ratio": self.partial_ratio,
+                "pass_rates": self.pass_rates, "group_sizes": self.group_sizes}
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Accounting:
     straggler_wait: float = 0.0
     trained_tokens: float = 0.0
     loop_s: float = 0.0
+    samples_by_label: dict = field(default_factory=dict)  # samples started per prompt difficulty label
 
 
 class Orchestrator:
@@ -331,6 +335,8 @@ class Orchestrator:
             item = self.queued.popleft()
             item.start_version = self.version
             room -= item.n_samples
+            label = str(item.row.get("difficulty", "none"))
+            self.acct.samples_by_label[label] = self.acct.samples_by_label.get(label, 0) + item.n_samples
             worker = self._least_loaded()
             by_worker.setdefault(worker, []).append(item)
             self.sched.started([item], worker)
@@ -373,8 +379,10 @@ class Orchestrator:
         version = self.version + 1
         pushes = self.transport.push(step.weights, version, [self.rollouts[i] for i in live])
         sync = asyncio.ensure_future(self._pushed(dict(zip(live, pushes))))
+        pass_rates = [sum(r is not None and r >= 1.0 for r in g.rewards) / g.num_samples for g in batch]
         self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
-                                      self.sched.partial_ratio(batch), started=now))
+                                      self.sched.partial_ratio(batch), pass_rates, [g.num_samples for g in batch],
+                                      started=now))
         return self._call(self.trainer.name, "train_step", step.metrics)
 
     async def _pushed(self, pushes: dict[int, Awaitable]) -> dict[int, dict]:
@@ -414,10 +422,15 @@ class Orchestrator:
             "buffer/partial_groups": float(len(self.sched.partial_pool)),
             "rollout/workers_live": float(len(self._live())),
             "rollout/restarts": float(self.restarts),
+            "batch/samples_per_group_mean": sum(done.group_sizes) / max(len(done.group_sizes), 1),
+            "batch/samples_per_group_max": float(max(done.group_sizes, default=0)),
+            "batch/pass_rate_mean": sum(done.pass_rates) / max(len(done.pass_rates), 1),
+            **budget_shares(self.acct.samples_by_label),
             **self.sampler.metrics(),
             **{f"ledger/{k}": float(v) for k, v in self.sched.ledger.as_dict().items()},
         })
-        self.logger.log(done.version, metrics, histograms={"staleness/group_age_hist": done.batch_ages})
+        self.logger.log(done.version, metrics, histograms={"staleness/group_age_hist": done.batch_ages,
+                                                           "batch/pass_rate_hist": done.pass_rates})
         self.logger.progress(step_line(done.version, self.cfg.total_steps, metrics))
 
     async def _finish(self, collects: dict[int, asyncio.Future], first_stats: dict[int, dict],

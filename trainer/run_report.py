@@ -67,6 +67,12 @@ def step_metrics(step: dict[str, float], results: dict[int, dict], last: dict[in
     return metrics
 
 
+def budget_shares(samples_by_label: dict[str, int]) -> dict[str, float]:
+    """The share of the samples started so far that went to each prompt difficulty label."""
+    total = max(sum(samples_by_label.values()), 1)
+    return {f"sampling/budget_share_difficulty_{label}": n / total for label, n in sorted(samples_by_label.items())}
+
+
 def step_line(version: int, total: int, m: dict[str, float]) -> str:
     return (f"step {version}/{total}  reward={m['train/reward_mean']:.3f}  loss={m['train/loss']:+.4f}  "
             f"rollout_tok/s={m['rollout/tokens_per_s']:.0f}  sync={m['weight_sync/total_s'] * 1000:.0f}ms  "

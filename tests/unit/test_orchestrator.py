@@ -200,3 +200,7 @@ def test_dars_extensions_merge_into_their_group_within_the_staleness_bound(eta, 
     assert any(m.get("sampling/merged_groups", 0) > 0 for _, m in logger.logs)
     # an extended group reaches the trainer with its first stage and its extension: > 4 samples
     assert trainer.max_group_size > 4
+    steps = [m for _, m in logger.logs if "train/loss" in m]
+    assert max(m["batch/samples_per_group_max"] for m in steps) == trainer.max_group_size
+    assert all(0.0 <= m["batch/pass_rate_mean"] <= 1.0 for m in steps)
+    assert steps[-1]["sampling/budget_share_difficulty_none"] == 1.0  # the rows carry no difficulty
