@@ -46,6 +46,9 @@ class Trajectory:
     # trained against `prompt_ids` alone (in-context seeding), its behaviour logprobs
     # came from context + prompt, and the importance weight corrects for the difference.
     context_ids: list[int] = field(default_factory=list)
+    # Tree rollouts: per response token, the id of the tree node (segment) it belongs to
+    # along this leaf's root-to-leaf path; empty for a sample that is not part of a tree.
+    node_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()
@@ -59,6 +62,8 @@ class Trajectory:
             "versions": len(self.versions),
             "loss_mask": len(self.loss_mask),
         }
+        if self.node_ids:
+            lengths["node_ids"] = len(self.node_ids)
         bad = {k: v for k, v in lengths.items() if v != n}
         if bad:
             raise ValueError(
@@ -108,6 +113,8 @@ class Group:
     row: dict[str, Any]  # the dataset row's fields, handed to rewards
     trajectories: list[Trajectory] = field(default_factory=list)
     start_version: int = 0  # trainer version when the group was admitted
+    tree_parents: dict[int, int] = field(default_factory=dict)  # tree rollouts: node id -> parent (-1: root)
+    stats: dict[str, float] = field(default_factory=dict)  # what its workflow measured, logged per step
 
     @property
     def rewards(self) -> list[float | None]:
@@ -126,7 +133,8 @@ class Group:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Group":
         trajs = [Trajectory.from_dict(t) for t in data["trajectories"]]
-        return cls(**{**data, "trajectories": trajs})
+        parents = {int(k): int(v) for k, v in data.get("tree_parents", {}).items()}  # JSON keys are strings
+        return cls(**{**data, "trajectories": trajs, "tree_parents": parents})
 
     @property
     def oldest_version(self) -> int | None:

@@ -76,6 +76,11 @@ class Segment:
     # The policy version that sampled each token, from vLLM's weight-version spans (None
     # if the engine reported none). A request paused across an update spans two versions.
     versions: list[int] | None = None
+    # With top_logprobs=k: per position, the k most likely tokens and their logprobs under
+    # the distribution that was sampled, most likely first (tree branching reads them).
+    top: list[list[tuple[int, float]]] | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens the engine's prefix cache already held
+    prompt_tokens: int = 0
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
@@ -183,6 +188,7 @@ class VLLMEngine:
         request_id: str | None = None,
         seed: int | None = None,
         min_tokens: int = 0,
+        top_logprobs: int = 0,
     ) -> Segment:
         """Sample one response and return it whole, with each token's sampling logprob.
 
@@ -192,7 +198,8 @@ class VLLMEngine:
         returns every token it generated."""
         from vllm.inputs import TokensPrompt
 
-        params = self._sampling_params(max_tokens, min(min_tokens, max_tokens), temperature, top_p, seed)
+        params = self._sampling_params(max_tokens, min(min_tokens, max_tokens), temperature, top_p, seed,
+                                       top_logprobs)
         request_id = request_id or self.new_request_id()
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
@@ -209,13 +216,18 @@ class VLLMEngine:
         if len(logprobs) != len(ids):
             raise RuntimeError(f"vLLM returned {len(ids)} tokens but {len(logprobs)} logprobs")
         finish = _FINISH.get(sample.finish_reason) if sample.finish_reason else None
-        return Segment(ids, logprobs, finish or FinishReason.ABORTED, span_versions(sample.weight_versions))
+        top = None
+        if top_logprobs:  # each position: the sampled token first, then the top k by rank
+            top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= top_logprobs),
+                          key=lambda pair: -pair[1])[:top_logprobs] for step in flat]
+        return Segment(ids, logprobs, finish or FinishReason.ABORTED, span_versions(sample.weight_versions), top,
+                       final.num_cached_tokens or 0, len(prompt_ids))
 
     def _sampling_params(self, max_tokens: int, min_tokens: int, temperature: float, top_p: float,
-                         seed: int | None):
+                         seed: int | None, top_logprobs: int = 0):
         """One SamplingParams per distinct setting, shared by requests (vLLM copies it per
         request): building one validates every field, a cost paid per request otherwise."""
-        key = (max_tokens, min_tokens, temperature, top_p, seed)
+        key = (max_tokens, min_tokens, temperature, top_p, seed, top_logprobs)
         params = self._params_cache.get(key)
         if params is None:
             from vllm import SamplingParams
@@ -227,7 +239,7 @@ class VLLMEngine:
                 min_tokens=min_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                logprobs=0,
+                logprobs=top_logprobs,  # 0: the sampled token's only
                 seed=seed,
                 output_kind=RequestOutputKind.FINAL_ONLY,
                 flat_logprobs=True,  # a few flat lists per request, not a dict and a Logprob object per token

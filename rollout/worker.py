@@ -63,11 +63,14 @@ class Episode:
     def __init__(self, worker: "RolloutWorker", item: PromptItem, partial: Group | None, not_before: int) -> None:
         self.worker = worker
         self.tokenizer = worker.tokenizer
+        self.max_tokens = worker.cfg.max_tokens
         self.item = item
         self.partial = partial
         self.not_before = not_before
         self.interrupts = worker._interrupts  # an APRIL interrupt after this hands the group back
         self.scored: bool | None = None  # the keep flag of `ascore`, once called
+        self.prompt_tokens = 0  # sent to the engine by this episode's requests ...
+        self.cached_prompt_tokens = 0  # ... and found in its prefix cache
 
     def new_group(self, item: PromptItem) -> Group:
         group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
@@ -85,12 +88,20 @@ class Episode:
             return full[:len(full) - len(prompt_ids)]
         return self.tokenizer.encode(context, add_special_tokens=False)
 
-    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *,
-                        min_tokens: int = 0, temperature: float | None = None) -> Trajectory:
+    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
+                        temperature: float | None = None, top_logprobs: int = 0,
+                        tops: list | None = None) -> Trajectory:
         cfg = self.worker.cfg
+
+        def seen(segment) -> None:
+            self.prompt_tokens += segment.prompt_tokens
+            self.cached_prompt_tokens += segment.cached_prompt_tokens
+            if tops is not None:  # per new token: its position's top-k (empty if the engine gave none)
+                tops.extend(segment.top if segment.top is not None else [[] for _ in segment.token_ids])
+
         return await self.worker._sample(traj, max_tokens or cfg.max_tokens,
                                          cfg.temperature if temperature is None else temperature,
-                                         min_tokens, self.interrupts, self.not_before)
+                                         min_tokens, self.interrupts, self.not_before, top_logprobs, seen)
 
     async def ascore(self, group: Group) -> bool:
         self.scored = await self.worker._score(group)
@@ -259,9 +270,11 @@ class RolloutWorker:
         return len(ids)
 
     async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float,
-                      min_tokens: int = 0, interrupts: int | None = None, not_before: int = 0) -> Trajectory:
+                      min_tokens: int = 0, interrupts: int | None = None, not_before: int = 0,
+                      top_logprobs: int = 0, on_segment=None) -> Trajectory:
         """Generate (or continue) one response, segment by segment, until it stops or is
-        handed back as partial. A finished trajectory is returned unchanged."""
+        handed back as partial. A finished trajectory is returned unchanged. `on_segment`
+        sees every engine segment (its top logprobs, its prefix-cache hits)."""
         if traj.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             return traj
         traj.finish_reason = None
@@ -280,12 +293,15 @@ class RolloutWorker:
             try:
                 segment = await self.engine.agenerate(
                     traj.context_ids + traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
-                    request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens))
+                    request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens),
+                    top_logprobs=top_logprobs)
             finally:
                 reason = self._mark_inactive(request_id)
             # provisional stamp (the gate keeps a segment on one version); the engine's labels replace it
             traj.append_tokens(segment.token_ids, segment.logprobs, segment_version)
             self._tokens_generated += len(segment.token_ids)
+            if on_segment is not None:
+                on_segment(segment)
             finish = segment.finish_reason
             self._stamp_versions(traj, segment_start, segment.versions, request_id)
             if segment.token_ids and min(traj.versions[segment_start:]) < not_before:

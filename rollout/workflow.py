@@ -34,14 +34,20 @@ class EpisodeContext(Protocol):
 
     tokenizer: Any
     partial: Group | None  # the group to continue, when resuming a partial one
+    max_tokens: int  # rollout.max_tokens: the response budget
+    prompt_tokens: int  # prompt tokens this episode's requests sent to the engine ...
+    cached_prompt_tokens: int  # ... and how many of them the prefix cache already held
 
     def new_group(self, item: PromptItem) -> Group:
         """A group of `item.n_samples` empty responses to `item`'s prompt."""
 
-    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *,
-                        min_tokens: int = 0, temperature: float | None = None) -> Trajectory:
+    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
+                        temperature: float | None = None, top_logprobs: int = 0,
+                        tops: list | None = None) -> Trajectory:
         """Generate (or continue) `traj` until it stops, hits its budget or is interrupted.
-        `max_tokens` bounds its whole response (default `rollout.max_tokens`)."""
+        `max_tokens` bounds its whole response (default `rollout.max_tokens`). With
+        `top_logprobs=k` and a `tops` list, each new token's position appends its k most
+        likely (token, logprob) pairs to `tops`."""
 
     async def ascore(self, group: Group) -> bool:
         """Score every response; False when the reward failure policy drops the group."""
@@ -68,7 +74,14 @@ class GroupWorkflow:
         return group if await ctx.ascore(group) else None
 
 
-WORKFLOWS = {"group": GroupWorkflow}
+def tree_workflow(**kwargs: Any) -> RolloutWorkflow:
+    """`tree`: rollout/tree.py (imported on use: it builds on GroupWorkflow)."""
+    from rollout.tree import TreeWorkflow
+
+    return TreeWorkflow(**kwargs)
+
+
+WORKFLOWS = {"group": GroupWorkflow, "tree": tree_workflow}
 
 
 def build_workflow(spec: str, kwargs: dict[str, Any], cwd: str | None = None) -> RolloutWorkflow:
