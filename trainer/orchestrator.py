@@ -33,7 +33,7 @@ from buffer.sampling import PromptSampler
 from buffer.scheduler import RolloutScheduler
 from trainer.interfaces import (EngineDied, RemoteCallError, RolloutClient, RolloutFactory, TrainerClient,
                                 WeightTransport, describe_error)
-from trainer.run_report import budget_shares, masked_note, merge_worker_stats, step_line, step_metrics
+from trainer.run_report import budget_shares, masked_note, mean_stats, merge_worker_stats, step_line, step_metrics
 
 COLLECT_TIMEOUT_S = 2.0  # a worker's collect returns at least this often, so a dead one is seen
 
@@ -88,12 +88,13 @@ class PendingSync:
     partial_ratio: float
     pass_rates: list[float] = field(default_factory=list)  # per group: share of responses with reward >= 1
     group_sizes: list[int] = field(default_factory=list)
+    workflow_stats: dict[str, float] = field(default_factory=dict)  # the batch's groups' own stats, averaged
     step_metrics: dict[str, float] | None = None  # set when the step's own result arrives
     started: float = 0.0  # when the step ended
 
     def state(self) -> dict[str, Any]:
         return {"version": self.version, "batch_ages": self.batch_ages, "partial_ratio": self.partial_ratio,
-                "pass_rates": self.pass_rates, "group_sizes": self.group_sizes}
+                "pass_rates": self.pass_rates, "group_sizes": self.group_sizes, "workflow_stats": self.workflow_stats}
 
 
 @dataclass
@@ -382,7 +383,7 @@ class Orchestrator:
         pass_rates = [sum(r is not None and r >= 1.0 for r in g.rewards) / g.num_samples for g in batch]
         self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
                                       self.sched.partial_ratio(batch), pass_rates, [g.num_samples for g in batch],
-                                      started=now))
+                                      mean_stats([g.stats for g in batch]), started=now))
         return self._call(self.trainer.name, "train_step", step.metrics)
 
     async def _pushed(self, pushes: dict[int, Awaitable]) -> dict[int, dict]:
@@ -426,6 +427,7 @@ class Orchestrator:
             "batch/samples_per_group_max": float(max(done.group_sizes, default=0)),
             "batch/pass_rate_mean": sum(done.pass_rates) / max(len(done.pass_rates), 1),
             **budget_shares(self.acct.samples_by_label),
+            **done.workflow_stats,
             **self.sampler.metrics(),
             **{f"ledger/{k}": float(v) for k, v in self.sched.ledger.as_dict().items()},
         })

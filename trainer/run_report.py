@@ -67,6 +67,12 @@ def step_metrics(step: dict[str, float], results: dict[int, dict], last: dict[in
     return metrics
 
 
+def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the dicts that have it (what workflows measured per group)."""
+    keys = {k for s in stats for k in s}
+    return {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in sorted(keys)}
+
+
 def budget_shares(samples_by_label: dict[str, int]) -> dict[str, float]:
     """The share of the samples started so far that went to each prompt difficulty label."""
     total = max(sum(samples_by_label.values()), 1)
