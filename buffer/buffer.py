@@ -105,6 +105,7 @@ class TrajectoryBuffer:
     def __init__(self, max_staleness: int) -> None:
         self.max_staleness = max_staleness
         self._groups: list[Group] = []
+        self._samples = 0
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -113,10 +114,11 @@ class TrajectoryBuffer:
         if not group.is_finished:
             raise ValueError(f"group {group.group_id} is not finished; partial groups go to the partial pool")
         self._groups.append(group)
+        self._samples += group.num_samples
 
     @property
     def num_samples(self) -> int:
-        return sum(g.num_samples for g in self._groups)
+        return self._samples
 
     def get(self, batch_size: int, version: int,
             running: Iterable[tuple[int, int]] = ()) -> list[Group] | None:
@@ -147,6 +149,7 @@ class TrajectoryBuffer:
                     f"{version}: age {version - oldest} > max_staleness {self.max_staleness}"
                 )
         self._groups = rest
+        self._samples -= sum(g.num_samples for g in batch)
         return batch
 
     def groups(self) -> list[Group]:

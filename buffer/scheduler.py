@@ -232,9 +232,11 @@ class RolloutScheduler:
     def next_batch(self, version: int) -> list[Group] | None:
         """A batch for the trainer at `version`, or None to wait. Under APRIL the caller
         then interrupts everything still generating."""
-        binding: Iterable[tuple[int, int]] = [(r.start_version, r.samples) for r in self.running.values()] + [
-            (g.start_version, g.num_samples) for g in self.extending.values()]
-        if self.proceed_past_stragglers:
+        binding: Iterable[tuple[int, int]] = ()
+        if not self.proceed_past_stragglers:
+            binding = [(r.start_version, r.samples) for r in self.running.values()] + [
+                (g.start_version, g.num_samples) for g in self.extending.values()]
+        else:
             # Running groups do not bind the schedule: whatever is consumed keeps its tokens
             # of the last η versions for training and its older ones as context only.
             binding = ()

@@ -305,26 +305,33 @@ class Orchestrator:
         return None
 
     # -- decisions -------------------------------------------------------------------------
-    def _least_loaded(self) -> int | None:
-        """The live worker with the fewest samples in flight (groups go by load, not in turn)."""
+    def _loads(self) -> dict[int, int]:
+        """Samples in flight per live worker (groups go by load, not in turn)."""
         load = dict.fromkeys(self._live(), 0)
         for running in self.sched.running.values():
             if running.worker in load:
                 load[running.worker] += running.samples
-        return min(load, key=load.__getitem__) if load else None
+        return load
 
     def _admit(self) -> None:
         """Resume partial groups first, then start new prompt items while there is room."""
-        worker = self._least_loaded()
-        if worker is None:
+        load = self._loads()
+        if not load:
             return  # every worker is being replaced
+
+        def least_loaded(samples: int) -> int:  # and count the new samples there
+            worker = min(load, key=load.__getitem__)
+            load[worker] += samples
+            return worker
+
+        worker = min(load, key=load.__getitem__)
         resume, _ = self.sched.partials_to_resume(self.version, worker)
         if resume:
             self._fire(worker, "resume", self.rollouts[worker].resume(resume, self.version))
         by_worker: dict[int, list[PromptItem]] = {}
         urgent = getattr(self.sampler, "urgent", None)
         for item in urgent(self.version) if urgent else ():  # extensions of groups admitted already
-            worker = self._least_loaded()
+            worker = least_loaded(item.n_samples)
             by_worker.setdefault(worker, []).append(item)
             self.sched.started([item], worker)
         room = self.sched.capacity(self.version)
@@ -338,7 +345,7 @@ class Orchestrator:
             room -= item.n_samples
             label = str(item.row.get("difficulty", "none"))
             self.acct.samples_by_label[label] = self.acct.samples_by_label.get(label, 0) + item.n_samples
-            worker = self._least_loaded()
+            worker = least_loaded(item.n_samples)
             by_worker.setdefault(worker, []).append(item)
             self.sched.started([item], worker)
         for worker, items in by_worker.items():
