@@ -79,6 +79,16 @@ class Trajectory:
         self.versions.extend([version] * len(token_ids))
         self.loss_mask.extend([1] * len(token_ids))
 
+    def append_context_tokens(self, token_ids: list[int], version: int) -> None:
+        """Add tokens the policy did not sample (an environment's observation in a
+        multi-turn episode): context for what follows, never trained on, no logprob."""
+        self.response_ids.extend(token_ids)
+        self.behaviour_logprobs.extend([0.0] * len(token_ids))
+        self.versions.extend([version] * len(token_ids))
+        self.loss_mask.extend([0] * len(token_ids))
+        if self.node_ids:
+            self.node_ids.extend([self.node_ids[-1]] * len(token_ids))
+
     @property
     def num_response_tokens(self) -> int:
         return len(self.response_ids)

@@ -189,6 +189,7 @@ class VLLMEngine:
         seed: int | None = None,
         min_tokens: int = 0,
         top_logprobs: int = 0,
+        stop: tuple[str, ...] = (),
     ) -> Segment:
         """Sample one response and return it whole, with each token's sampling logprob.
 
@@ -199,7 +200,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = self._sampling_params(max_tokens, min(min_tokens, max_tokens), temperature, top_p, seed,
-                                       top_logprobs)
+                                       top_logprobs, tuple(stop))
         request_id = request_id or self.new_request_id()
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
@@ -224,10 +225,10 @@ class VLLMEngine:
                        final.num_cached_tokens or 0, len(prompt_ids))
 
     def _sampling_params(self, max_tokens: int, min_tokens: int, temperature: float, top_p: float,
-                         seed: int | None, top_logprobs: int = 0):
+                         seed: int | None, top_logprobs: int = 0, stop: tuple[str, ...] = ()):
         """One SamplingParams per distinct setting, shared by requests (vLLM copies it per
         request): building one validates every field, a cost paid per request otherwise."""
-        key = (max_tokens, min_tokens, temperature, top_p, seed, top_logprobs)
+        key = (max_tokens, min_tokens, temperature, top_p, seed, top_logprobs, stop)
         params = self._params_cache.get(key)
         if params is None:
             from vllm import SamplingParams
@@ -243,7 +244,11 @@ class VLLMEngine:
                 seed=seed,
                 output_kind=RequestOutputKind.FINAL_ONLY,
                 flat_logprobs=True,  # a few flat lists per request, not a dict and a Logprob object per token
-                detokenize=False,  # rewards decode whole responses themselves; per-token text is wasted work
+                # rewards decode whole responses themselves; per-token text is wasted work,
+                # except to find stop strings (a turn of a multi-turn episode ends at one)
+                detokenize=bool(stop),
+                stop=list(stop) or None,
+                include_stop_str_in_output=bool(stop),  # the tokens and the text stay the same
             )
             if len(self._params_cache) >= 4096:  # per-request seeds would otherwise grow it without end
                 self._params_cache.clear()

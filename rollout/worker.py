@@ -72,6 +72,11 @@ class Episode:
         self.prompt_tokens = 0  # sent to the engine by this episode's requests ...
         self.cached_prompt_tokens = 0  # ... and found in its prefix cache
 
+    @property
+    def version(self) -> int:
+        """The policy version every request sent from now on runs on."""
+        return self.worker.version
+
     def new_group(self, item: PromptItem) -> Group:
         group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
                       row=item.row, start_version=item.start_version)
@@ -90,7 +95,7 @@ class Episode:
 
     async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
                         temperature: float | None = None, top_logprobs: int = 0,
-                        tops: list | None = None) -> Trajectory:
+                        tops: list | None = None, stop: tuple[str, ...] = ()) -> Trajectory:
         cfg = self.worker.cfg
 
         def seen(segment) -> None:
@@ -101,7 +106,7 @@ class Episode:
 
         return await self.worker._sample(traj, max_tokens or cfg.max_tokens,
                                          cfg.temperature if temperature is None else temperature,
-                                         min_tokens, self.interrupts, self.not_before, top_logprobs, seen)
+                                         min_tokens, self.interrupts, self.not_before, top_logprobs, seen, stop)
 
     async def ascore(self, group: Group) -> bool:
         self.scored = await self.worker._score(group)
@@ -271,7 +276,7 @@ class RolloutWorker:
 
     async def _sample(self, traj: Trajectory, max_tokens: int, temperature: float,
                       min_tokens: int = 0, interrupts: int | None = None, not_before: int = 0,
-                      top_logprobs: int = 0, on_segment=None) -> Trajectory:
+                      top_logprobs: int = 0, on_segment=None, stop: tuple[str, ...] = ()) -> Trajectory:
         """Generate (or continue) one response, segment by segment, until it stops or is
         handed back as partial. A finished trajectory is returned unchanged. `on_segment`
         sees every engine segment (its top logprobs, its prefix-cache hits)."""
@@ -294,7 +299,7 @@ class RolloutWorker:
                 segment = await self.engine.agenerate(
                     traj.context_ids + traj.prompt_ids + traj.response_ids, remaining, temperature, self.cfg.top_p,
                     request_id=request_id, min_tokens=max(0, min_tokens - traj.num_response_tokens),
-                    top_logprobs=top_logprobs)
+                    top_logprobs=top_logprobs, stop=stop)
             finally:
                 reason = self._mark_inactive(request_id)
             # provisional stamp (the gate keeps a segment on one version); the engine's labels replace it

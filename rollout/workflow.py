@@ -35,6 +35,7 @@ class EpisodeContext(Protocol):
     tokenizer: Any
     partial: Group | None  # the group to continue, when resuming a partial one
     max_tokens: int  # rollout.max_tokens: the response budget
+    version: int  # the policy version requests sent now run on (for tokens the policy did not sample)
     prompt_tokens: int  # prompt tokens this episode's requests sent to the engine ...
     cached_prompt_tokens: int  # ... and how many of them the prefix cache already held
 
@@ -43,11 +44,12 @@ class EpisodeContext(Protocol):
 
     async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
                         temperature: float | None = None, top_logprobs: int = 0,
-                        tops: list | None = None) -> Trajectory:
+                        tops: list | None = None, stop: tuple[str, ...] = ()) -> Trajectory:
         """Generate (or continue) `traj` until it stops, hits its budget or is interrupted.
         `max_tokens` bounds its whole response (default `rollout.max_tokens`). With
         `top_logprobs=k` and a `tops` list, each new token's position appends its k most
-        likely (token, logprob) pairs to `tops`."""
+        likely (token, logprob) pairs to `tops`. `stop` strings end it too (kept in the
+        response)."""
 
     async def ascore(self, group: Group) -> bool:
         """Score every response; False when the reward failure policy drops the group."""
@@ -81,7 +83,14 @@ def tree_workflow(**kwargs: Any) -> RolloutWorkflow:
     return TreeWorkflow(**kwargs)
 
 
-WORKFLOWS = {"group": GroupWorkflow, "tree": tree_workflow}
+def multiturn_workflow(**kwargs: Any) -> RolloutWorkflow:
+    """`multiturn`: rollout/multiturn.py."""
+    from rollout.multiturn import MultiTurnWorkflow
+
+    return MultiTurnWorkflow(**kwargs)
+
+
+WORKFLOWS = {"group": GroupWorkflow, "tree": tree_workflow, "multiturn": multiturn_workflow}
 
 
 def build_workflow(spec: str, kwargs: dict[str, Any], cwd: str | None = None) -> RolloutWorkflow:

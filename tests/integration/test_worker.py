@@ -29,7 +29,8 @@ def logprobs_under(model, prompt_ids, response_ids, eos_id: int = 1):
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-        logits[:, eos_id] = float("-inf")
+        if eos_id >= 0:  # (-1: EOS was not masked)
+            logits[:, eos_id] = float("-inf")
         logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, torch.tensor(response_ids).unsqueeze(-1)).squeeze(-1).tolist()
 
@@ -279,3 +280,52 @@ def test_a_seeded_item_generates_after_its_context_and_is_trained_on_its_prompt(
         assert traj.context_ids == worker.tokenizer.encode("1+2=3\n")
         expected = logprobs_under(trainer.engine.module, traj.context_ids + traj.prompt_ids, traj.response_ids)
         assert max(abs(a - b) for a, b in zip(traj.behaviour_logprobs, expected)) < 1e-4
+
+
+class EchoEnv:
+    """For the multi-turn test: every turn ends at a digit; the environment answers '+3='
+    until the third turn."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def reset(self, row):
+        return ""
+
+    def step(self, action):
+        self.turns += 1
+        return "+3=", 0.0, self.turns >= 3
+
+
+def test_a_multiturn_episode_samples_its_turns_and_appends_observations_as_context(model_path, engine, trainer,
+                                                                                    loop_thread):
+    """Tokens in, tokens out: the observation tokens sit between the turns with mask 0, and
+    every token the model sampled has the logprob transformers gives it in that very
+    context (prompt + earlier turns + observations), under the weights that sampled it."""
+    cfg = RolloutConfig(max_tokens=40, workflow="multiturn",
+                        workflow_kwargs={"env": f"{__name__}:EchoEnv", "stop": list("0123456789"), "max_turns": 3})
+    worker = RolloutWorker(model_path, cfg, RewardConfig(isolated=False), engine=engine)
+    loop_thread.run(worker.astart())
+    loop_thread.run(worker.engine.aload_weights(trainer.export_weights()))
+    worker.version = trainer.version
+    loop_thread.run(worker.engine.alabel(worker.version))
+
+    async def run():
+        await worker.submit([PromptItem(prompt_id="p", prompt=ROW["prompt"], row=ROW, n_samples=2,
+                                        group_id="turns", start_version=worker.version)])
+        return (await worker.collect(min_groups=1, timeout_s=60)).groups[0]
+
+    group = loop_thread.run(run())
+    observation = worker.tokenizer.encode("+3=")
+    seen_observations = 0
+    for traj in group.trajectories:
+        context = [i for i, m in enumerate(traj.loss_mask) if m == 0]
+        runs = [context[i:i + 3] for i in range(0, len(context), 3)]
+        for positions in runs:  # each observation is exactly '+3=', right after a digit
+            assert [traj.response_ids[i] for i in positions] == observation
+            assert worker.tokenizer.decode([traj.response_ids[positions[0] - 1]]).isdigit()
+        seen_observations += len(runs)
+        expected = logprobs_under(trainer.engine.module, traj.prompt_ids, traj.response_ids, eos_id=-1)
+        sampled = [(a, b) for a, b, m in zip(traj.behaviour_logprobs, expected, traj.loss_mask) if m]
+        assert max(abs(a - b) for a, b in sampled) < 1e-4
+    assert seen_observations >= 2  # (the tiny model answers in digits: its turns end at one)
