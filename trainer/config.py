@@ -99,6 +99,8 @@ class LoggerConfig:
     wandb_mode: Optional[str] = None  # null: online when WANDB_API_KEY is set, else offline
     project: str = "grove"
     console: bool = True
+    samples_every: int = 50  # a table of a few trained prompts and responses every this many steps (0: never)
+    samples_per_step: int = 4
 
 
 @dataclass

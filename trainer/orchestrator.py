@@ -33,7 +33,8 @@ from buffer.sampling import PromptSampler
 from buffer.scheduler import RolloutScheduler
 from trainer.interfaces import (EngineDied, RemoteCallError, RolloutClient, RolloutFactory, TrainerClient,
                                 WeightTransport, describe_error)
-from trainer.run_report import budget_shares, masked_note, mean_stats, merge_worker_stats, step_line, step_metrics
+from trainer.run_report import (budget_shares, masked_note, mean_stats, merge_worker_stats, sample_row, step_line,
+                                step_metrics)
 
 COLLECT_TIMEOUT_S = 2.0  # a worker's collect returns at least this often, so a dead one is seen
 
@@ -42,6 +43,9 @@ class RunLogger(Protocol):
     def log(self, step: int, metrics: dict[str, float], histograms: dict[str, list] | None = None) -> None: ...
 
     def progress(self, text: str) -> None: ...
+
+    # optional: `log_samples(step, samples)`, a few of a step's trained responses (see
+    # `sample_rows`), every `LoopConfig.samples_every` versions
 
 
 class RunError(RuntimeError):
@@ -69,12 +73,15 @@ class LoopConfig:
     hold_on_interrupt: bool = True  # APRIL by pause: interrupted groups stay in the engine
     eval_every: int = 0
     max_restarts: int = 0  # rollout workers that may die and be replaced in a run
+    samples_every: int = 0  # hand the logger a few trained responses every this many versions (0: never)
+    samples_per_step: int = 4
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LoopConfig":
         return cls(cfg.trainer.total_steps, cfg.trainer.batch_groups, cfg.rollout.n_samples,
                    cfg.buffer.max_staleness, cfg.rollout.overprovision, cfg.buffer.stragglers,
-                   cfg.rollout.interrupt_by == "pause", cfg.eval.every_steps, cfg.rollout.max_restarts)
+                   cfg.rollout.interrupt_by == "pause", cfg.eval.every_steps, cfg.rollout.max_restarts,
+                   cfg.logger.samples_every, cfg.logger.samples_per_step)
 
 
 @dataclass
@@ -89,6 +96,7 @@ class PendingSync:
     pass_rates: list[float] = field(default_factory=list)  # per group: share of responses with reward >= 1
     group_sizes: list[int] = field(default_factory=list)
     workflow_stats: dict[str, float] = field(default_factory=dict)  # the batch's groups' own stats, averaged
+    samples: list[dict] = field(default_factory=list)  # a few of its responses, for the logger
     step_metrics: dict[str, float] | None = None  # set when the step's own result arrives
     started: float = 0.0  # when the step ended
 
@@ -390,7 +398,8 @@ class Orchestrator:
         pass_rates = [sum(r is not None and r >= 1.0 for r in g.rewards) / g.num_samples for g in batch]
         self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
                                       self.sched.partial_ratio(batch), pass_rates, [g.num_samples for g in batch],
-                                      mean_stats([g.stats for g in batch]), started=now))
+                                      mean_stats([g.stats for g in batch]),
+                                      self._sample_rows(batch, version), started=now))
         return self._call(self.trainer.name, "train_step", step.metrics)
 
     async def _pushed(self, pushes: dict[int, Awaitable]) -> dict[int, dict]:
@@ -414,6 +423,14 @@ class Orchestrator:
         return results
 
     # -- reporting -------------------------------------------------------------------------
+    def _sample_rows(self, batch: list, version: int) -> list[dict]:
+        """A few of the batch's responses (the first of each of its first groups) when this
+        version is one the logger samples at."""
+        every = self.cfg.samples_every
+        if not every or version % every or not hasattr(self.logger, "log_samples"):
+            return []
+        return [sample_row(g, version - 1) for g in batch[: self.cfg.samples_per_step]]
+
     def _log_step(self, done: PendingSync, results: dict[int, dict], last: dict[int, dict], wall: float,
                   elapsed: float, sync_s: float) -> None:
         elapsed = max(elapsed, 1e-9)
@@ -440,6 +457,8 @@ class Orchestrator:
         })
         self.logger.log(done.version, metrics, histograms={"staleness/group_age_hist": done.batch_ages,
                                                            "batch/pass_rate_hist": done.pass_rates})
+        if done.samples:
+            self.logger.log_samples(done.version, done.samples)
         self.logger.progress(step_line(done.version, self.cfg.total_steps, metrics))
 
     async def _finish(self, collects: dict[int, asyncio.Future], first_stats: dict[int, dict],

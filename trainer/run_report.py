@@ -67,6 +67,17 @@ def step_metrics(step: dict[str, float], results: dict[int, dict], last: dict[in
     return metrics
 
 
+def sample_row(group: Any, trained_at: int) -> dict[str, Any]:
+    """One trained response for the logger's sample table: the prompt, the response's token
+    ids (the logger decodes them), its reward and its tokens' ages at training."""
+    traj = group.trajectories[0]
+    ages = [trained_at - v for v, m in zip(traj.versions, traj.loss_mask) if m]
+    return {"prompt": group.prompt_text, "response_ids": list(traj.response_ids), "reward": traj.reward,
+            "group_reward_mean": sum(t.reward or 0.0 for t in group.trajectories) / len(group.trajectories),
+            "token_age_max": max(ages, default=0), "token_age_mean": sum(ages) / len(ages) if ages else 0.0,
+            "samples": len(group.trajectories)}
+
+
 def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
     """Each key's mean over the dicts that have it (what workflows measured per group)."""
     keys = {k for s in stats for k in s}

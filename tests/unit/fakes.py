@@ -288,7 +288,11 @@ class RecordingLogger:
     def __init__(self) -> None:
         self.logs: list[tuple[int, dict]] = []
         self.lines: list[str] = []
+        self.samples: list[tuple[int, list[dict]]] = []
         self.on_log = None
+
+    def log_samples(self, step, samples):
+        self.samples.append((step, samples))
 
     def log(self, step, metrics, histograms=None):
         self.logs.append((step, dict(metrics)))

@@ -204,3 +204,13 @@ def test_dars_extensions_merge_into_their_group_within_the_staleness_bound(eta, 
     assert max(m["batch/samples_per_group_max"] for m in steps) == trainer.max_group_size
     assert all(0.0 <= m["batch/pass_rate_mean"] <= 1.0 for m in steps)
     assert steps[-1]["sampling/budget_share_difficulty_none"] == 1.0  # the rows carry no difficulty
+
+
+def test_the_logger_gets_a_few_trained_responses_every_k_versions():
+    orch, _, trainer, logger = make(eta=1, steps=9)
+    orch.cfg.samples_every, orch.cfg.samples_per_step = 3, 2
+    run_virtual(orch.run())
+    assert [step for step, _ in logger.samples] == [3, 6, 9]
+    for step, rows in logger.samples:
+        assert len(rows) == 2 and all(r["prompt"].endswith("+1=") and r["response_ids"] for r in rows)
+        assert all(0 <= r["token_age_max"] <= 1 and r["samples"] == 2 for r in rows)
