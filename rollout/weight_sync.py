@@ -113,9 +113,13 @@ class InPlaceLoader:
             delattr(layer, name)
             layer.register_parameter(name, full)
 
-    def _load_all(self, weights) -> int:
-        loaded = set(self.model.load_weights(weights))
-        missing = self.expected - loaded
+    def _load_all(self, buckets, complete: bool) -> int:
+        """Load the buckets one after another (one in memory at a time); with `complete`,
+        every parameter must have come (a delta sync sends the changed buckets only)."""
+        loaded: set[str] = set()
+        for weights in buckets:
+            loaded |= set(self.model.load_weights(iter(weights)))
+        missing = self.expected - loaded if complete else set()
         if missing:
             raise ValueError(f"weight update left {len(missing)} parameters of the rollout model unloaded "
                              f"(first: {sorted(missing)[:3]}); the payload must hold every checkpoint tensor. "
@@ -123,8 +127,11 @@ class InPlaceLoader:
         return len(loaded)
 
     def load(self, weights) -> int:
+        return self.load_buckets([weights])
+
+    def load_buckets(self, buckets, complete: bool = True) -> int:
         self._stage()
-        count = self._load_all(weights)
+        count = self._load_all(buckets, complete)
         for layer in self.layers:
             layer.quant_method.process_weights_after_loading(layer)
         return count
@@ -141,14 +148,14 @@ class LiveLoader(InPlaceLoader):
 
     live = False  # the layers multiply by their plain weights (set by the first load on CPU)
 
-    def load(self, weights) -> int:
+    def load_buckets(self, buckets, complete: bool = True) -> int:
         import torch
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
-            return super().load(weights)
+            return super().load_buckets(buckets, complete)
         self._stage()  # only if the layers are packed (start-up, or another loader since)
-        count = self._load_all(weights)
+        count = self._load_all(buckets, complete)
         for layer in self.layers:
             layer.cpu_linear = torch.nn.functional.linear  # what vLLM's CPU GEMM dispatch calls
         self.live = True
@@ -196,17 +203,21 @@ class GroveWorkerExtension:
         core.set_weight_version(version)
         return count
 
-    def grove_load_weights(self, payload: bytes, loader: str = "live") -> int:
-        """Load a safetensors blob by `loader`: "live" (LiveLoader) or "inplace"
-        (InPlaceLoader) where the model qualifies, else, or for "reload", vLLM's
-        reload_weights, which handles any model."""
-        from safetensors.torch import load
+    def grove_load_weights(self, payload, loader: str = "live") -> int:
+        """Load new weights by `loader`: "live" (LiveLoader) or "inplace" (InPlaceLoader)
+        where the model qualifies, else, or for "reload", vLLM's reload_weights, which
+        handles any model. `payload` is a safetensors blob (object_store), or a broadcast
+        ticket: the buckets it names arrive now over the weight group, one at a time."""
+        if isinstance(payload, dict):
+            buckets, complete = self._grove_received(payload), payload["complete"]
+        else:
+            from safetensors.torch import load
 
-        state = load(payload)
+            buckets, complete = [list(load(payload).items())], True
         if loader in DIRECT_LOADERS:
             direct = self._grove_direct_loader(loader)
             if direct is not None:
-                return direct.load(iter(state.items()))
+                return direct.load_buckets(buckets, complete)
         elif loader != "reload":
             raise ValueError(f"unknown weight loader {loader!r}; expected one of {[*DIRECT_LOADERS, 'reload']}")
         else:
@@ -214,10 +225,33 @@ class GroveWorkerExtension:
             if cached is not None and isinstance(cached[2], LiveLoader):
                 cached[2].pack()
         quiet_weightless_layer_warnings()
+        state = [pair for bucket in buckets for pair in bucket]  # vLLM's reload takes them all at once
         self.model_runner.reload_weights(  # type: ignore[attr-defined]
-            weights_iterator=iter(state.items()), is_checkpoint_format=True
+            weights_iterator=iter(state), is_checkpoint_format=True
         )
         return len(state)
+
+    # -- the broadcast transport's receiving side -------------------------------------------
+    def grove_join_group(self, address: str, port: int, rank: int, world: int, backend: str,
+                         timeout_s: float) -> int:
+        """Join the trainer's weight group (it returns once every member has joined)."""
+        from rollout.broadcast import open_group
+
+        self._grove_group = open_group(address, port, rank, world, backend, timeout_s)
+        return rank
+
+    def grove_set_plan(self, plan: list) -> int:
+        from rollout.broadcast import plan_from_json
+
+        self._grove_plan = plan_from_json(plan)
+        return len(self._grove_plan)
+
+    def _grove_received(self, ticket: dict):
+        """The ticket's buckets as they arrive, on the model's device."""
+        from rollout.broadcast import receive
+
+        device = next(self.model_runner.get_model().parameters()).device  # type: ignore[attr-defined]
+        return receive(self._grove_group, self._grove_plan, ticket["buckets"], device)
 
     def _grove_direct_loader(self, loader: str):
         """The model's InPlaceLoader or LiveLoader (kept across loads), or None if the

@@ -391,7 +391,7 @@ class RolloutWorker:
         return out
 
     # -- weights ---------------------------------------------------------------------
-    async def update_weights(self, payload: bytes | None, version: int) -> dict:
+    async def update_weights(self, payload: bytes | dict | None, version: int) -> dict:
         """Load the trainer's weights for `version` (see the module docstring for what
         happens to requests in flight); `payload=None` (a step the trainer skipped) only
         relabels the weights in place as `version`. Returns the load's timings and, under
@@ -448,9 +448,19 @@ class RolloutWorker:
             finally:
                 self._gate.set()
         now = time.perf_counter()
+        size = payload["bytes"] if isinstance(payload, dict) else len(payload)  # a broadcast ticket, or a blob
         return {"weight_sync_apply_s": now - start, "weight_sync_drain_s": drained - start,
-                "weight_sync_load_s": now - drained, "weight_bytes": len(payload),
+                "weight_sync_load_s": now - drained, "weight_bytes": size,
                 "requests_interrupted": interrupted, "stats": self.stats()}
+
+    async def join_weight_group(self, address: str, port: int, rank: int, world: int, backend: str,
+                                timeout_s: float) -> list:
+        """The broadcast transport: this engine's model worker joins the trainer's group."""
+        return await self.engine.engine.collective_rpc("grove_join_group",
+                                                       args=(address, port, rank, world, backend, timeout_s))
+
+    async def set_weight_plan(self, plan: list) -> list:
+        return await self.engine.engine.collective_rpc("grove_set_plan", args=(plan,))
 
     def _weights_sent(self, version: int) -> None:
         """From now on every request sent to the engine runs on `version`'s weights (it

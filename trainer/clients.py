@@ -118,12 +118,35 @@ class ObjectStoreTransport:
         return [client.update_weights(weights, version) for client in clients]
 
 
-WEIGHT_TRANSPORTS = {"object_store": ObjectStoreTransport}
+class BroadcastTransport:
+    """`broadcast`: buckets over a torch.distributed group between the trainer and every
+    engine's model worker (gloo on CPU, NCCL on GPU; rollout/broadcast.py). The step's
+    export is a ticket; the trainer streams the buckets it names while each engine
+    receives them inside its weight load. The launcher forms the group at start-up."""
+
+    name = "broadcast"
+
+    def __init__(self, trainer_actor: Any = None) -> None:
+        self.trainer = trainer_actor
+
+    def push(self, weights: Any, version: int, clients: Sequence[RolloutClient]) -> list[Awaitable[dict]]:
+        sender = self.trainer.broadcast_send.remote(weights)  # runs once the step has ended
+        return [self._with_sender(client.update_weights(weights, version), sender) for client in clients]
+
+    @staticmethod
+    async def _with_sender(update: Awaitable[dict], sender: Any) -> dict:
+        result = await update
+        result["weight_sync_send"] = await sender  # the sender's own failure surfaces too
+        return result
 
 
-def build_transport(spec: str, cwd: str | None = None) -> WeightTransport:
+WEIGHT_TRANSPORTS = {"object_store": ObjectStoreTransport, "broadcast": BroadcastTransport}
+
+
+def build_transport(spec: str, cwd: str | None = None, trainer_actor: Any = None) -> WeightTransport:
     """The transport `weight_sync.transport` names: a registered name or a dotted path."""
-    transport = load_plugin("weight_sync.transport", spec, WEIGHT_TRANSPORTS, cwd)()
+    factory = load_plugin("weight_sync.transport", spec, WEIGHT_TRANSPORTS, cwd)
+    transport = factory(trainer_actor) if factory is BroadcastTransport else factory()
     if not callable(getattr(transport, "push", None)):
         raise ValueError(f"weight_sync.transport={spec!r} has no push(weights, version, clients) method")
     return transport

@@ -85,6 +85,10 @@ class WeightSyncConfig:
     (object_store) or a dotted path to your own (trainer/interfaces.py:WeightTransport)."""
 
     transport: str = "object_store"
+    bucket_mb: float = 64.0  # broadcast: the most a bucket (hence a receiver's extra memory) holds
+    delta: bool = False  # broadcast: send only the buckets whose bytes changed since the last version
+    backend: str = "auto"  # broadcast: gloo | nccl | auto (nccl where CUDA is)
+    timeout_s: float = 60.0  # broadcast: a member that does not answer within this fails the sync
 
 
 @dataclass
@@ -143,6 +147,19 @@ class GroveConfig:
                 "next policy version, which buffer.max_staleness=0 forbids. Set buffer.max_staleness=1 "
                 "(partial tokens older than that are masked out of the loss) or rollout.overprovision=1."
             )
+        sync = self.weight_sync
+        if sync.transport == "broadcast":
+            if self.rollout.max_restarts > 0:
+                raise ValueError(
+                    "weight_sync.transport=broadcast forms one process group with every engine at start-up, which "
+                    "a replacement worker cannot join in this version: set rollout.max_restarts=0 (a dead worker "
+                    "then stops the run) or weight_sync.transport=object_store")
+            if int(self.rollout.engine.extra_args.get("tensor_parallel_size", 1)) > 1:
+                raise ValueError("weight_sync.transport=broadcast sends whole tensors to one model worker per engine; "
+                                 "with tensor_parallel_size > 1 use weight_sync.transport=object_store")
+            if sync.bucket_mb <= 0 or sync.timeout_s <= 0 or sync.backend not in ("auto", "gloo", "nccl"):
+                raise ValueError(f"weight_sync: bucket_mb and timeout_s must be > 0 and backend auto|gloo|nccl, "
+                                 f"got {sync.bucket_mb}, {sync.timeout_s}, {sync.backend!r}")
         cluster, workers = self.cluster, self.rollout.num_workers
         wanted = workers * cluster.rollout_cpus + cluster.trainer_cpus
         if cluster.num_cpus is not None and wanted > cluster.num_cpus:

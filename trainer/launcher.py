@@ -140,8 +140,26 @@ def build_orchestrator(cfg: GroveConfig, data: PromptData, workers: list, traine
     clients = [RayRolloutClient(f"rollout worker {i}", w, key) for i, w in enumerate(workers)]
     factory = RayRolloutFactory(lambda: start_rollout_actor(cfg, model_path), trainer, workers, key)
     return Orchestrator(LoopConfig.from_config(cfg), make_sampler(cfg, data), clients,
-                        RayTrainerClient("trainer", trainer), build_transport(cfg.weight_sync.transport, os.getcwd()),
-                        logger, data.eval[: cfg.eval.max_rows], factory)
+                        RayTrainerClient("trainer", trainer),
+                        build_transport(cfg.weight_sync.transport, os.getcwd(), trainer), logger,
+                        data.eval[: cfg.eval.max_rows], factory)
+
+
+def open_weight_group(cfg: GroveConfig, workers: list, trainer) -> None:
+    """The broadcast transport's group: the trainer (rank 0) and each engine's model worker
+    join concurrently, then every engine gets the bucket plan."""
+    import ray
+
+    sync = cfg.weight_sync
+    world = 1 + len(workers)
+    address, port = checked(ray.get, trainer.free_port.remote(), "weight group address")
+    opened = trainer.broadcast_open.remote(address, port, world, sync.backend, sync.bucket_mb, sync.timeout_s,
+                                           sync.delta)
+    joins = [w.join_weight_group.remote(address, port, i + 1, world, sync.backend, sync.timeout_s)
+             for i, w in enumerate(workers)]
+    plan = checked(ray.get, opened, "the trainer joining the weight group")
+    checked(ray.get, joins, "the engines joining the weight group")
+    checked(ray.get, [w.set_weight_plan.remote(plan) for w in workers], "sending the bucket plan")
 
 
 def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
@@ -160,6 +178,8 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
         workers, trainer = start_actors(cfg, model_path)
         setup = checked(ray.get, [*(w.astart.remote() for w in workers), trainer.setup.remote()], "engine start-up")
         say(f"engines ready: {setup}")
+        if cfg.weight_sync.transport == "broadcast":
+            open_weight_group(cfg, workers, trainer)
         key = cfg.task.prompt_key
         before = checked(ray.get, workers[0].evaluate.remote(eval_rows, key), "held-out evaluation before RL")
         logger.log(0, before)
