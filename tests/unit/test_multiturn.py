@@ -50,7 +50,7 @@ class ScriptCtx:
 def episode(turns, workflow=None):
     ctx = ScriptCtx(turns)
     group = asyncio.run((workflow or MultiTurnWorkflow()).arun_episode(
-        ctx, PromptItem("p", "12+7*3-4=", {}, 1, group_id="g")))
+        ctx, PromptItem("p", "12+7*3-4=", {"prompt": "12+7*3-4="}, 1, group_id="g")))
     return group, ctx
 
 
@@ -112,3 +112,22 @@ def test_the_calculator_evaluates_arithmetic_only():
     assert env.step("#29") == ("", 0.0, True)
     assert env.step("<calc>__import__('os')</calc>") == ("=?", 0.0, False)
     assert env.step("<calc>2**100</calc>") == ("=?", 0.0, False)  # only + - *
+
+
+def test_the_documented_environment_runs_as_written(tmp_path):
+    """docs/workflows.md's example environment, taken from the page, through an episode."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "workflows.md").read_text()
+    code = re.search(r"```python\n(# my_env.py.*?)```", page, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 32
+    (tmp_path / "my_env.py").write_text(code)
+    flow = MultiTurnWorkflow(env=f"{tmp_path}/my_env.py:Guess", stop=["!"], max_turns=10)
+    secret = __import__("random").Random("12+7*3-4=").randrange(10)
+    guesses = [f"{(secret + 1) % 10}!", f"{secret}!"]
+    group, _ = episode(guesses, flow)
+    (traj,) = group.trajectories
+    text = "".join(chr(i) for i in traj.response_ids)
+    assert text.startswith("guess:") and text.endswith(f"{secret}!")
+    assert traj.reward_info["env_reward"] == 1.0 and traj.reward_info["turns"] == 2.0
