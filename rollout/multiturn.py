@@ -155,7 +155,7 @@ class MultiTurnWorkflow(GroupWorkflow):
             resumed = traj.num_response_tokens > 0  # handed back mid-turn: that turn goes on
             if opening and not resumed:
                 traj.append_context_tokens(ctx.tokenizer.encode(opening, add_special_tokens=False), ctx.version)
-            done_turns = observation_runs(traj.loss_mask)
+            done_turns = observation_runs(traj.loss_mask) - bool(opening)  # (the opening is no turn's answer)
             for turns in range(done_turns + 1, self.max_turns + 1):
                 start = last_context_end(traj.loss_mask) if resumed else traj.num_response_tokens
                 resumed = False
