@@ -138,13 +138,20 @@ class DapoFilter:
 
 
 # Imported here, below the classes above, so buffer.strategies may import this module.
-from buffer.dars import DarsSampler  # noqa: E402
 from buffer.strategies import VadeSampler, XrpoSampler  # noqa: E402
+
+
+def dars_sampler(*args: Any, **kwargs: Any) -> PromptSampler:
+    """`dars`: buffer/dars.py (imported on use: it builds on UniformSampler above)."""
+    from buffer.dars import DarsSampler
+
+    return DarsSampler(*args, **kwargs)
+
 
 # dapo_filter: uniform prompts, zero-variance groups filtered (`build_sampler` wraps it);
 # vade, xrpo: difficulty-adaptive samplers (buffer/strategies.py, docs/sampling.md)
 SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler, "vade": VadeSampler, "xrpo": XrpoSampler,
-            "dars": DarsSampler}
+            "dars": dars_sampler}
 
 
 def build_sampler(cfg: SamplingConfig, rows: Sequence[dict[str, Any]], n_samples: int, seed: int,

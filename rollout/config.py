@@ -4,6 +4,7 @@ when weights arrive (see `rollout/worker.py`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from rollout.engine import EngineConfig
 
@@ -26,6 +27,8 @@ class RolloutConfig:
     overprovision: float = 1.0  # APRIL: keep this many batches' worth of groups in flight (1 = off)
     num_workers: int = 1  # rollout workers, each a vLLM engine in its own actor; every one gets every version
     max_restarts: int = 3  # dead workers replaced in a run (their groups start again); past that the run stops
+    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template (a user turn)
+    system_prompt: Optional[str] = None  # with chat_template: a system turn before it
     workflow: str = "group"  # how a prompt becomes a group: a registered name or a dotted path
     workflow_kwargs: dict = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -13,7 +13,7 @@ each observation is tokenized on its own and *appended* to the token ids already
 past turns are never re-tokenized or re-templated, so what is trained is exactly what the
 engine saw. Observation tokens are context only: loss mask 0, no behaviour logprob. The
 model's tokens keep their logprobs and versions, so an episode may span weight updates
-(and interrupts) like any response. A chat template, where the model has one, wraps the
+(and interrupts) like any response. With `rollout.chat_template=true` the chat template wraps the
 first prompt only.
 
 The reward is the configured reward functions' (on the whole transcript) plus the sum of
@@ -122,12 +122,7 @@ class MultiTurnWorkflow(GroupWorkflow):
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.env_timeout_s)
 
     async def arun_episode(self, ctx: EpisodeContext, item: PromptItem) -> Group | None:
-        group = ctx.partial or ctx.new_group(item)
-        if ctx.partial is None and getattr(ctx.tokenizer, "chat_template", None):
-            ids = ctx.tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}],
-                                                    add_generation_prompt=True)
-            for t in group.trajectories:
-                t.prompt_ids = list(ids)
+        group = ctx.partial or ctx.new_group(item)  # (the chat template, if on, wraps the first prompt)
         results = await asyncio.gather(*(self._episode(ctx, t, group.row) for t in group.trajectories))
         if not group.is_finished:
             return group  # interrupted: resumed later (the environment starts again from the transcript)

@@ -80,7 +80,7 @@ class Episode:
     def new_group(self, item: PromptItem) -> Group:
         group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
                       row=item.row, start_version=item.start_version)
-        prompt_ids = self.tokenizer.encode(item.prompt)
+        prompt_ids = self.worker.encode_prompt(item.prompt)
         context_ids = self._context_ids(item.context, prompt_ids) if item.context else []
         group.trajectories = [Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids),
                                          context_ids=list(context_ids)) for _ in range(item.n_samples)]
@@ -186,6 +186,16 @@ class RolloutWorker:
         await self.stop_generation()
         self.engine.shutdown()
         self.rewards.close()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's token ids: as is, or inside the chat template (`rollout.chat_template`)."""
+        if not self.cfg.chat_template:
+            return self.tokenizer.encode(text)
+        messages = [{"role": "user", "content": text}]
+        if self.cfg.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
 
     # -- generation ------------------------------------------------------------------
     async def submit(self, items: list[PromptItem]) -> int:
@@ -482,7 +492,7 @@ class RolloutWorker:
             raise ValueError("no held-out rows to evaluate (eval.max_rows, or an empty eval split)")
 
         async def one(row: dict) -> Trajectory:
-            traj = Trajectory(prompt_id="eval", group_id="eval", prompt_ids=self.tokenizer.encode(row[prompt_key]))
+            traj = Trajectory(prompt_id="eval", group_id="eval", prompt_ids=self.encode_prompt(row[prompt_key]))
             return await self._sample(traj, self.cfg.eval_max_tokens, temperature=0.0)
 
         trajs = await asyncio.gather(*(one(row) for row in rows))

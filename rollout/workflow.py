@@ -40,7 +40,8 @@ class EpisodeContext(Protocol):
     cached_prompt_tokens: int  # ... and how many of them the prefix cache already held
 
     def new_group(self, item: PromptItem) -> Group:
-        """A group of `item.n_samples` empty responses to `item`'s prompt."""
+        """A group of `item.n_samples` empty responses to `item`'s prompt (inside the chat
+        template when `rollout.chat_template` is on)."""
 
     async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
                         temperature: float | None = None, top_logprobs: int = 0,

@@ -86,6 +86,12 @@ def preflight(cfg: GroveConfig, say) -> tuple[PromptData, str]:
         model_path = resolve_model(cfg, data, say)
     except (ValueError, FileNotFoundError) as err:
         raise StartupError(f"model: {err}") from err
+    if cfg.rollout.chat_template:
+        from transformers import AutoTokenizer
+
+        if not getattr(AutoTokenizer.from_pretrained(model_path), "chat_template", None):
+            raise StartupError(f"rollout.chat_template=true, but the tokenizer of {model_path} has no chat template: "
+                               "set rollout.chat_template=false, or format the prompts in the dataset")
     return data, model_path
 
 

@@ -131,3 +131,20 @@ def test_the_documented_environment_runs_as_written(tmp_path):
     text = "".join(chr(i) for i in traj.response_ids)
     assert text.startswith("guess:") and text.endswith(f"{secret}!")
     assert traj.reward_info["env_reward"] == 1.0 and traj.reward_info["turns"] == 2.0
+
+
+def test_the_chat_template_wraps_a_prompt_when_asked():
+    from types import SimpleNamespace
+
+    from rollout.config import RolloutConfig
+    from rollout.worker import RolloutWorker
+    from trainer.tiny_model import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<a>{% endif %}")
+    plain = SimpleNamespace(cfg=RolloutConfig(), tokenizer=tok)
+    assert RolloutWorker.encode_prompt(plain, "1+1=") == tok.encode("1+1=")
+    chat = SimpleNamespace(cfg=RolloutConfig(chat_template=True, system_prompt="be exact"), tokenizer=tok)
+    assert RolloutWorker.encode_prompt(chat, "1+1=") == tok.encode("<system>be exact<user>1+1=<a>",
+                                                                   add_special_tokens=False)
