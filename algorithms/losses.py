@@ -9,14 +9,22 @@
   4. per_token = w * surrogate + kl_coef * KL_k3(pi_theta || pi_ref) - entropy_coef * H.
   5. `aggregate(per_token, mask, cfg.loss_agg)`: a scalar.
 
+A batch trained in pieces (micro-batches, ranks) passes `LossDenominators` computed over
+the whole (mini)batch (`loss_denominators`): each piece's loss is then its exact share of
+the whole batch's loss, so the pieces' gradients add up to the whole batch's gradient in
+every aggregation mode.
+
 Everything is minimised (loss = -objective). Tensors are (B, T) = (sequences, response
 tokens); `mask` is 0/1 and marks the tokens that are trained. Masked positions must
 hold finite values (0 is fine). Adding a policy loss: write a function with the
-`PolicyLossFn` signature and add it to `POLICY_LOSSES`; likewise `AGGREGATIONS`.
+`PolicyLossFn` signature and add it to `POLICY_LOSSES`; likewise `AGGREGATIONS`, whose
+functions take (loss, mask, constant, denominators) and must honour the denominators
+when given, or the trainer cannot split a batch into micro-batches or ranks.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, TypeVar
@@ -174,51 +182,96 @@ POLICY_LOSSES: dict[str, PolicyLossFn] = {
 
 
 # ---------------------------------------------------------------------------------------
-# Aggregation: (per_token_loss (B, T), mask (B, T), constant) -> scalar.
+# Aggregation: (per_token_loss (B, T), mask (B, T), constant, denominators) -> scalar.
 # Fully masked sequences are left out of the "seq-mean" denominators.
 # ---------------------------------------------------------------------------------------
 
 
-def _token_mean(loss: Tensor, mask: Tensor, constant: Optional[float]) -> Tensor:
+@dataclass
+class LossDenominators:
+    """The divisors of an aggregation, taken over a whole (mini)batch when it is trained in
+    pieces: micro-batches, ranks. None = from the piece's own mask (right when the piece
+    is the whole batch). A sequence's own token count (seq-mean-token-mean) always comes
+    from its row, which a piece holds whole.
+
+    tokens: trained tokens (token-mean). sequences: sequences with at least one trained
+    token (seq-mean-*). length: Dr.GRPO's L_const when the algorithm sets none
+    (seq-mean-token-sum-norm); the trainer passes the batch's longest response.
+    """
+
+    tokens: Optional[float] = None
+    sequences: Optional[float] = None
+    length: Optional[float] = None
+
+
+def loss_denominators(mask: Tensor, max_response_length: Optional[float] = None) -> LossDenominators:
+    """The denominators of the whole (mini)batch `mask` (B, T), to pass to every piece.
+
+    Sums over disjoint pieces add up (tokens, sequences), so ranks all-reduce them."""
+    mask = mask.detach()
+    return LossDenominators(
+        tokens=float(mask.sum()),
+        sequences=float((mask.sum(-1) > 0).sum()),
+        length=None if max_response_length is None else float(max_response_length),
+    )
+
+
+def _token_mean(loss: Tensor, mask: Tensor, constant: Optional[float],
+                denominators: Optional[LossDenominators] = None) -> Tensor:
     """DAPO (arXiv 2503.14476): sum_{i,t} l / sum_i |o_i|. Every token weighs the same,
     so a long sequence counts in proportion to its length."""
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
+    tokens = denominators.tokens if denominators is not None and denominators.tokens is not None else mask.sum()
+    return (loss * mask).sum() / _at_least_one(tokens, loss)
 
 
-def _seq_mean(per_seq: Tensor, mask: Tensor) -> Tensor:
+def _at_least_one(value, like: Tensor) -> Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1)
+
+
+def _seq_mean(per_seq: Tensor, mask: Tensor, denominators: Optional[LossDenominators] = None) -> Tensor:
     """Mean of (B,) over the sequences that have at least one trained token."""
+    if denominators is not None and denominators.sequences is not None:
+        return per_seq.sum() / _at_least_one(denominators.sequences, per_seq)
     return per_seq.sum() / (mask.sum(-1) > 0).sum().clamp(min=1)
 
 
-def _seq_mean_token_mean(loss: Tensor, mask: Tensor, constant: Optional[float]) -> Tensor:
+def _seq_mean_token_mean(loss: Tensor, mask: Tensor, constant: Optional[float],
+                         denominators: Optional[LossDenominators] = None) -> Tensor:
     """GRPO (arXiv 2402.03300): (1/G) sum_i (1/|o_i|) sum_t l. Every sequence weighs the
     same, whatever its length."""
     per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
-    return _seq_mean(per_seq, mask)
+    return _seq_mean(per_seq, mask, denominators)
 
 
-def _seq_mean_token_sum(loss: Tensor, mask: Tensor, constant: Optional[float]) -> Tensor:
+def _seq_mean_token_sum(loss: Tensor, mask: Tensor, constant: Optional[float],
+                        denominators: Optional[LossDenominators] = None) -> Tensor:
     """(1/G) sum_i sum_t l. Every token of the batch weighs 1/G."""
-    return _seq_mean((loss * mask).sum(-1), mask)
+    return _seq_mean((loss * mask).sum(-1), mask, denominators)
 
 
-def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, constant: Optional[float]) -> Tensor:
+def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, constant: Optional[float],
+                             denominators: Optional[LossDenominators] = None) -> Tensor:
     """Dr.GRPO (arXiv 2503.20783) length-unbiased sum: sum_i sum_t l / L_const.
 
-    A fixed divisor (L_const = `constant`, default the mask's T) gives every token the same
-    weight in every batch, removing GRPO's length bias. Keep T fixed (pad to max length)
-    or set the constant, or the weight varies with the padding. Not divided by the number
-    of sequences, so the loss scale grows with the batch size.
+    A fixed divisor (L_const = `constant`; else `denominators.length`, which the trainer
+    sets to the batch's longest response; else the mask's T) gives every token the same
+    weight in every batch, removing GRPO's length bias. Set the constant (the dr_grpo
+    recipe sets rollout.max_tokens), or the weight varies with the batch's longest
+    response. Not divided by the number of sequences, so the loss scale grows with the
+    batch size.
 
     verl's mode of the same name differs: since v0.7.1 (PR #5417; same in v0.9.0) its
     `agg_loss` also divides by G, the number of sequences with at least one trained token
     (or the global batch size it is passed): (1/G) sum_i sum_t l / L_const. Grove's value
     is G times verl's. verl v0.7.0 and earlier computed what Grove computes.
     """
-    return (loss * mask).sum() / (constant if constant is not None else mask.shape[-1])
+    if constant is None:
+        given = denominators.length if denominators is not None else None
+        constant = given if given is not None else mask.shape[-1]
+    return (loss * mask).sum() / constant
 
 
-AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, Optional[float]], Tensor]] = {
+AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
@@ -226,14 +279,26 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, Optional[float]], Tensor]] = {
 }
 
 
-def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, constant: Optional[float] = None) -> Tensor:
+def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, constant: Optional[float] = None,
+              denominators: Optional[LossDenominators] = None) -> Tensor:
     """Reduce a (B, T) per-token loss to a scalar; `mode` is a key of AGGREGATIONS.
 
+    With `denominators` (of the whole batch this (B, T) is a piece of), the result is the
+    piece's share of the whole batch's loss: the pieces' results add up to it.
     An all-masked batch gives 0 (still connected to the graph, so backward works).
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"loss aggregation {mode!r} is not one of {list(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](per_token_loss, mask.to(per_token_loss.dtype), constant)
+    fn = AGGREGATIONS[mode]
+    mask = mask.to(per_token_loss.dtype)
+    if denominators is None:
+        return fn(per_token_loss, mask, constant)
+    if "denominators" not in inspect.signature(fn).parameters:
+        raise ValueError(
+            f"loss aggregation {mode!r} takes no `denominators` argument, so a batch cannot be trained in "
+            "pieces with it: add `denominators: LossDenominators | None = None` to it (see algorithms/losses.py)"
+        )
+    return fn(per_token_loss, mask, constant, denominators=denominators)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,8 +401,12 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def compute_policy_loss(inputs: PolicyLossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
-    """weights -> per-token loss -> + kl_coef * KL - entropy_coef * H -> aggregate."""
+def compute_policy_loss(inputs: PolicyLossInputs, cfg: AlgorithmConfig,
+                        denominators: Optional[LossDenominators] = None) -> PolicyLossOutput:
+    """weights -> per-token loss -> + kl_coef * KL - entropy_coef * H -> aggregate.
+
+    `denominators`: of the whole (mini)batch when `inputs` is one piece of it (see
+    `aggregate`); they must count the tokens rejection keeps, as the loss does."""
     logprobs = inputs.logprobs
     mask = inputs.loss_mask.to(logprobs.dtype)  # (B, T) 0/1
     if mask.shape != logprobs.shape:
@@ -372,7 +441,7 @@ def compute_policy_loss(inputs: PolicyLossInputs, cfg: AlgorithmConfig) -> Polic
     if cfg.entropy_coef > 0:
         entropy = _required(inputs.entropy, "entropy", "algorithm.entropy_coef > 0")
         per_token = per_token - cfg.entropy_coef * entropy
-    loss = aggregate(per_token, mask, cfg.loss_agg, cfg.loss_agg_constant)
+    loss = aggregate(per_token, mask, cfg.loss_agg, cfg.loss_agg_constant, denominators)
 
     with torch.no_grad():
         metrics.update(
