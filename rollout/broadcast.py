@@ -113,6 +113,8 @@ def open_group(address: str, port: int, rank: int, world: int, backend: str, tim
     store = TCPStore(address, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
                      wait_for_workers=False)
     timeout = timedelta(seconds=timeout_s)
+    if backend == "auto":  # each side resolves it where it runs: NCCL between GPUs, else gloo
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         from torch.distributed import ProcessGroupNCCL
 
@@ -120,7 +122,7 @@ def open_group(address: str, port: int, rank: int, world: int, backend: str, tim
         options._timeout = timeout
         return ProcessGroupNCCL(store, rank, world, options)
     if backend != "gloo":
-        raise ValueError(f"weight_sync backend must be gloo or nccl, got {backend!r}")
+        raise ValueError(f"weight_sync.backend must be auto, gloo or nccl, got {backend!r}")
     from torch.distributed import ProcessGroupGloo
 
     return ProcessGroupGloo(store, rank, world, timeout)

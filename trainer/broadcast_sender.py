@@ -20,7 +20,7 @@ from rollout.broadcast import digest, flatten, open_group, plan_of, plan_to_json
 
 class BroadcastSender:
     _group = None
-    _plan: list | None = None
+    _bucket_plan: list | None = None
     _sent_digests: list[str] | None = None
 
     def free_port(self) -> tuple[str, int]:
@@ -35,35 +35,30 @@ class BroadcastSender:
                        timeout_s: float, delta: bool) -> list:
         """Join the weight group as rank 0 (returns once every engine has joined) and plan
         the buckets; returns the plan, for the engines."""
-        self._group = open_group(address, port, 0, world, self._weight_backend(backend), timeout_s)
-        self._plan = plan_of(self._weights_for_plan(), int(bucket_mb * 2**20))
+        self._group = open_group(address, port, 0, world, backend, timeout_s)
+        self._bucket_plan = plan_of(self._weights_for_plan(), int(bucket_mb * 2**20))
         self._delta = delta
         self._sent_digests = None
-        return plan_to_json(self._plan)
-
-    def _weight_backend(self, backend: str) -> str:
-        if backend != "auto":
-            return backend
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return plan_to_json(self._bucket_plan)
 
     def _weights_for_plan(self) -> dict[str, torch.Tensor]:
         return self.weights_state()  # (names, shapes and dtypes are all the plan reads)
 
     def weights_state(self) -> dict[str, torch.Tensor]:
-        """The policy's weights by checkpoint name (Trainer overrides it for ZeRO-3)."""
-        return {k: v.detach() for k, v in self.engine.module.state_dict().items()}  # type: ignore[attr-defined]
+        """The policy's weights by checkpoint name (the trainer's; it gathers them under ZeRO-3)."""
+        raise NotImplementedError
 
     def broadcast_ticket(self, version: int) -> dict[str, Any]:
         """What this version's push sends: every bucket, or with delta sync the changed ones."""
         state = self.weights_state()
-        which = list(range(len(self._plan)))
+        which = list(range(len(self._bucket_plan)))
         if self._delta:
-            digests = [digest(flatten(b, state)) for b in self._plan]
+            digests = [digest(flatten(b, state)) for b in self._bucket_plan]
             if self._sent_digests is not None:
                 which = [i for i, (a, b) in enumerate(zip(digests, self._sent_digests)) if a != b]
             self._sent_digests = digests
         return {"transport": "broadcast", "version": version, "buckets": which,
-                "complete": len(which) == len(self._plan), "bytes": sum(self._plan[i].nbytes for i in which)}
+                "complete": len(which) == len(self._bucket_plan), "bytes": sum(self._bucket_plan[i].nbytes for i in which)}
 
     def broadcast_send(self, ticket: dict | None) -> dict[str, float]:
         """Stream the ticket's buckets to every engine (they receive in the same call)."""
@@ -71,5 +66,5 @@ class BroadcastSender:
             return {"bytes": 0.0, "seconds": 0.0}
         start = time.perf_counter()
         device = next(self.engine.module.parameters()).device  # type: ignore[attr-defined]
-        sent = send(self._group, self._plan, self.weights_state(), ticket["buckets"], device)
+        sent = send(self._group, self._bucket_plan, self.weights_state(), ticket["buckets"], device)
         return {"bytes": float(sent), "seconds": time.perf_counter() - start}

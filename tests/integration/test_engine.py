@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from buffer.types import FinishReason, Group, Trajectory
-from trainer.policy_trainer import token_logprobs
+from trainer.logprobs import token_logprobs
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["23+45=", "7*8=", "91-37=", "5-9="]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout.engine import VLLMEngine
 from tests.integration.conftest import cpu_engine_config
-from trainer.policy_trainer import token_logprobs
+from trainer.logprobs import token_logprobs
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["23+45=", "7*8=", "91-37="]

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.policy_trainer import bucketed_token_logprobs, length_buckets, token_logprobs
+from trainer.batching import length_buckets
+from trainer.logprobs import bucketed_token_logprobs, token_logprobs
 from trainer.tiny_model import TinyModelSpec, build_char_tokenizer, build_tiny_model
 
 
@@ -48,11 +49,26 @@ def test_buckets_partition_the_rows_at_least_cost(lengths, overhead):
         assert padded_cost(lengths, buckets, overhead) == brute_force_cost(lengths, overhead)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(0, 300), st.integers(1, 200))
+def test_capped_buckets_partition_the_rows_within_the_cap(lengths, overhead, cap):
+    buckets = length_buckets(lengths, overhead, max_tokens=cap)
+    assert sorted(i for rows in buckets for i in rows) == list(range(len(lengths)))
+    assert all(rows for rows in buckets)
+    for rows in buckets:  # within the cap, or a single row longer than it
+        assert len(rows) * max(lengths[i] for i in rows) <= cap or len(rows) == 1
+    spans = [(min(lengths[i] for i in rows), max(lengths[i] for i in rows)) for rows in buckets]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # still sorted by length
+    if cap >= len(lengths) * max(lengths):  # a cap that never binds changes nothing
+        assert buckets == length_buckets(lengths, overhead)
+
+
 def test_bucket_count_follows_the_overhead():
     lengths = [12] * 56 + [55] * 8
     assert len(length_buckets(lengths, 10**9)) == 1  # overhead dominates: one padded batch
     assert len(length_buckets(lengths, 128)) == 2  # the long group on its own
     assert len(length_buckets(list(range(1, 20)), 0)) == 19  # free passes: one per length
+    assert [len(b) for b in length_buckets([12] * 56, 10**9, max_tokens=12 * 20)] == [18, 19, 19]  # near-equal
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +121,7 @@ def test_bucketed_pass_equals_one_padded_pass(model):
 def test_a_packed_batch_follows_the_models_device():
     """The trainer moves the packed batch to `engine.device`: every tensor goes, none stays behind."""
     from buffer.types import FinishReason, Group, Trajectory
-    from trainer.policy_trainer import pack_groups
+    from trainer.batching import pack_groups
 
     g = Group(group_id="g", prompt_id="p", prompt_text="", row={})
     for reward in (0.0, 1.0):
@@ -115,5 +131,5 @@ def test_a_packed_batch_follows_the_models_device():
         g.trajectories.append(t)
     batch = pack_groups([g], pad_id=0).to("meta")
     tensors = {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
-    assert len(tensors) == 7 and all(v.device.type == "meta" for v in tensors.values())
+    assert len(tensors) == 8 and all(v.device.type == "meta" for v in tensors.values())
     assert batch.num_tokens == 4
