@@ -103,6 +103,7 @@ class LoggerConfig:
     wandb_mode: Optional[str] = None  # null: online when WANDB_API_KEY is set, else offline
     project: str = "grove"
     console: bool = True
+    console_every: int = 10  # a status line every this many steps, and the first and last (0: those two only)
     samples_every: int = 50  # a table of a few trained prompts and responses every this many steps (0: never)
     samples_per_step: int = 4
 

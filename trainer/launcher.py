@@ -175,34 +175,44 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
 
     started_at = time.perf_counter()
     logger = MetricsLogger(run_dir, dataclasses.asdict(cfg), cfg.logger.wandb, cfg.logger.wandb_mode,
-                           cfg.logger.project, cfg.logger.console)
-    say = logger.progress
+                           cfg.logger.project, cfg.logger.console, cfg.logger.console_every, cfg.trainer.total_steps)
+    say = logger.say  # logger.progress, which also draws the default model's warm-up bar
     try:
         data, model_path = preflight(cfg, say)
         eval_rows = data.eval[: cfg.eval.max_rows]
         say(f"model: {model_path}")
-        workers, trainer = start_actors(cfg, model_path)
-        setup = checked(ray.get, [*(w.astart.remote() for w in workers), trainer.setup.remote()], "engine start-up")
+        with logger.activity("starting the engines"):
+            workers, trainer = start_actors(cfg, model_path)
+            if cfg.logger.samples_every:  # the sample table's responses as text (loaded while the engines start)
+                logger.use_tokenizer(model_path)
+            setup = checked(ray.get, [*(w.astart.remote() for w in workers), trainer.setup.remote()],
+                            "engine start-up")
         say(f"engines ready: {setup}")
         if cfg.weight_sync.transport == "broadcast":
             open_weight_group(cfg, workers, trainer)
         key = cfg.task.prompt_key
-        before = checked(ray.get, workers[0].evaluate.remote(eval_rows, key), "held-out evaluation before RL")
+        with logger.activity("held-out evaluation before RL"):
+            before = checked(ray.get, workers[0].evaluate.remote(eval_rows, key), "held-out evaluation before RL")
         logger.log(0, before)
         say(f"held-out accuracy before RL: {before['eval/accuracy']:.3f}")
         orchestrator = build_orchestrator(cfg, data, workers, trainer, logger, model_path)
+        logger.start_training(cfg.trainer.total_steps)
         ledger = asyncio.run(orchestrator.run())
         first = orchestrator.rollouts[0].actor  # (a replacement, if the first one died)
-        after = checked(ray.get, first.evaluate.remote(eval_rows, key), "held-out evaluation after RL")
+        with logger.activity("held-out evaluation after RL"):
+            after = checked(ray.get, first.evaluate.remote(eval_rows, key), "held-out evaluation after RL")
         logger.log(orchestrator.version, after)
         say(f"held-out accuracy after RL: {after['eval/accuracy']:.3f}")
-        checked(ray.get, trainer.save_pretrained.remote(str(run_dir / "final_model")), "saving final_model")
+        with logger.activity("saving final_model"):
+            checked(ray.get, trainer.save_pretrained.remote(str(run_dir / "final_model")), "saving final_model")
         checked(ray.get, [w.ashutdown.remote() for w in workers], "rollout shutdown")
         from trainer.plot import write_run_dashboard
 
         write_run_dashboard(run_dir, say)  # run_dir/dashboard.png; a failure is said, not raised
-        return RunSummary(before["eval/accuracy"], after["eval/accuracy"], run_dir, orchestrator.version, ledger,
-                          time.perf_counter() - started_at)
+        summary = RunSummary(before["eval/accuracy"], after["eval/accuracy"], run_dir, orchestrator.version, ledger,
+                             time.perf_counter() - started_at)
+        logger.finish_run(**dataclasses.asdict(summary))  # W&B's run summary, summary.json, the closing table
+        return summary
     except RunError as err:
         say(f"run stopped: {err}")
         raise
