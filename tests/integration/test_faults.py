@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,9 @@ def test_one_of_two_workers_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_p
         tmp_path, "two", ["trainer.total_steps=300", "trainer.batch_groups=8", "rollout.num_workers=2",
                           "cluster.rollout_cpus=0.5", "buffer.max_staleness=2"], after_steps=2)
     assert proc.returncode == 0, stderr[-4000:]
-    assert "rollout worker 1 died" in stderr and "rollout worker 1 replaced; at work again" in stderr
+    died = re.search(r"rollout worker (\d) died", stderr)  # (which one the newest pid is varies)
+    assert died, stderr[-4000:]
+    assert f"rollout worker {died.group(1)} replaced; at work again" in stderr
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 301))
