@@ -1,4 +1,4 @@
-"""Prompt datasets: the built-in arithmetic task or the user's json/jsonl/parquet files."""
+"""Prompt datasets: the built-in arithmetic tasks or the user's json/jsonl/parquet files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from buffer.arithmetic import ArithmeticSpec, make_arithmetic_dataset
+from buffer.arithmetic import ArithmeticSpec, StepsSpec, make_arithmetic_dataset, make_steps_dataset
 from buffer.prompts import check_rows
 
 
@@ -29,6 +29,12 @@ def _fingerprint(rows: list[dict[str, Any]]) -> str:
 
 def arithmetic_data(spec: ArithmeticSpec) -> PromptData:
     ds = make_arithmetic_dataset(spec)
+    train, evaluation = ds["train"].to_list(), ds["test"].to_list()
+    return PromptData(train, evaluation, _fingerprint(train))
+
+
+def arithmetic_steps_data(spec: StepsSpec) -> PromptData:
+    ds = make_steps_dataset(spec)
     train, evaluation = ds["train"].to_list(), ds["test"].to_list()
     return PromptData(train, evaluation, _fingerprint(train))
 

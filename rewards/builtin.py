@@ -1,5 +1,5 @@
-"""Built-in rewards, registered by name: ``exact_match``, ``math_verify``, ``regex_format``,
-``overlong_penalty`` and ``code_tests``.
+"""Built-in rewards, registered by name: ``exact_match``, ``steps_answer``, ``math_verify``,
+``regex_format``, ``overlong_penalty`` and ``code_tests``.
 
 Each is an ordinary reward function (see :mod:`rewards.api`); arguments that are not dataset
 fields (``pattern``, ``max_len``, ...) are bound from the config's ``kwargs``::
@@ -29,6 +29,7 @@ __all__ = [
     "overlong_penalty",
     "overlong_shaping",
     "regex_format",
+    "steps_answer",
 ]
 
 
@@ -45,6 +46,56 @@ def exact_match(response: str, answer: Any, **kwargs: Any) -> float:
     0.0
     """
     return 1.0 if response.strip() == str(answer).strip() else 0.0
+
+
+_STEP = re.compile(r"(-?\d+)([-+*])(-?\d+)=(-?\d+)")
+_ANSWER = re.compile(r"-?\d+")
+_STEP_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+@register_reward("steps_answer")
+def steps_answer(response: str, answer: Any, *, require_steps: bool = False, **kwargs: Any) -> RewardResult:
+    """1.0 if the integer after the response's last ``#`` equals the answer, else 0.0.
+
+    The verifier of the built-in ``arithmetic_steps`` task, whose responses write one step per
+    operation and then the final answer: ``7*3=21;12+21=33;33-4=29;#29``. Only the final answer
+    is scored (surrounding whitespace ignored; ``029`` or ``29.0`` are wrong). Info, for
+    logging: ``format_ok`` (1.0 if the whole response is ``step;step;...;#<int>``),
+    ``steps`` (how many steps it wrote before the last ``#``) and ``steps_correct`` (the
+    fraction of those, split on ``;``, that read ``a<op>b=c`` with ``c`` right; 0.0 for none).
+    A response with no ``#`` scores 0.0; its steps are still counted.
+    With ``require_steps=True`` (config ``kwargs``) the score also needs ``format_ok`` and
+    every step right.
+
+    >>> r = steps_answer("7*3=21;12+21=33;33-4=29;#29", answer="29")
+    >>> r.score, r.info["format_ok"], r.info["steps_correct"]
+    (1.0, 1.0, 1.0)
+    >>> r = steps_answer("7*3=21;12+21=34;34-4=29;#29", answer=29)  # right answer, 2 wrong steps
+    >>> r.score, r.info["steps_correct"]
+    (1.0, 0.3333333333333333)
+    >>> steps_answer("7*3=21;12+21=33;#33", answer="29").score
+    0.0
+    """
+    text = response.strip()
+    body, hash_, final = text.rpartition("#")
+    if not hash_:  # no final answer (e.g. cut off at max_tokens): its steps still count for info
+        body, final = text, ""
+    correct = bool(hash_) and final.strip() == str(answer).strip() and bool(_ANSWER.fullmatch(final.strip()))
+    written = [s for s in body.split(";") if s.strip()]
+    right = 0
+    for step in written:
+        m = _STEP.fullmatch(step.strip())
+        right += bool(m) and _STEP_OPS[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4))
+    format_ok = (
+        bool(hash_)
+        and bool(_ANSWER.fullmatch(final))
+        and (body == "" or (body.endswith(";") and all(_STEP.fullmatch(s) for s in body[:-1].split(";"))))
+    )
+    steps_correct = right / len(written) if written else 0.0
+    if require_steps:
+        correct = correct and format_ok and right == len(written)
+    info = {"format_ok": float(format_ok), "steps": float(len(written)), "steps_correct": steps_correct}
+    return RewardResult(1.0 if correct else 0.0, info)
 
 
 # --- math ------------------------------------------------------------------------------------

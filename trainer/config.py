@@ -35,22 +35,27 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """Where prompts come from: the built-in arithmetic generator, or json/parquet files."""
+    """Where prompts come from: a built-in arithmetic generator, or json/parquet files."""
 
-    name: str = "arithmetic"  # "arithmetic" (generated) or "files"
+    name: str = "arithmetic"  # "arithmetic", "arithmetic_steps" (generated) or "files"
     seed: int = 0
     num_train: int = 4000
     num_eval: int = 400
     ops: str = "+-*"
-    max_digits: int = 2
-    max_digits_mul: int = 1
+    max_digits: int = 2  # arithmetic: digits of + and - operands
+    max_digits_mul: int = 1  # arithmetic: digits of * operands
+    min_ops: int = 2  # arithmetic_steps: operations per expression (= difficulty), min..max
+    max_ops: int = 6
+    max_operand: int = 20  # arithmetic_steps: + and - operands are 1..max_operand
+    max_operand_mul: int = 9  # arithmetic_steps: operands next to a * are 2..max_operand_mul
+    max_value: int = 999  # arithmetic_steps: every intermediate result lies in 0..max_value
     train_files: Optional[str] = None  # for name=files: a path or glob
     eval_files: Optional[str] = None
     prompt_key: str = "prompt"
 
     def __post_init__(self) -> None:
-        if self.name not in ("arithmetic", "files"):
-            raise ValueError(f"task.name={self.name!r} must be 'arithmetic' or 'files'")
+        if self.name not in ("arithmetic", "arithmetic_steps", "files"):
+            raise ValueError(f"task.name={self.name!r} must be 'arithmetic', 'arithmetic_steps' or 'files'")
         if self.name == "files" and not (self.train_files and self.eval_files):
             raise ValueError("task.name=files needs task.train_files and task.eval_files")
 

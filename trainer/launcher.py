@@ -37,6 +37,17 @@ def load_data(cfg: GroveConfig) -> PromptData:
     task = cfg.task
     if task.name == "files":
         return file_data(task.train_files, task.eval_files, task.prompt_key)
+    if task.name == "arithmetic_steps":
+        from buffer.arithmetic import StepsSpec
+        from buffer.datasets import arithmetic_steps_data
+
+        return arithmetic_steps_data(
+            StepsSpec(
+                seed=task.seed, num_train=task.num_train, num_eval=task.num_eval, ops=tuple(task.ops),
+                min_ops=task.min_ops, max_ops=task.max_ops, max_operand=task.max_operand,
+                max_operand_mul=task.max_operand_mul, max_value=task.max_value,
+            )
+        )
     return arithmetic_data(
         ArithmeticSpec(
             seed=task.seed, num_train=task.num_train, num_eval=task.num_eval, ops=tuple(task.ops),

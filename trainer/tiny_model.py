@@ -30,7 +30,7 @@ class TinyModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    max_positions: int = 64
+    max_positions: int = 64  # prompt + response; task=arithmetic_steps raises it to 128
     seed: int = 0
 
 

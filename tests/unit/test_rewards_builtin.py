@@ -16,6 +16,7 @@ from rewards.builtin import (
     overlong_penalty,
     overlong_shaping,
     regex_format,
+    steps_answer,
 )
 
 
@@ -30,6 +31,49 @@ def test_doctests():
 )
 def test_exact_match(response, answer, score):
     assert exact_match(response, answer=answer, difficulty=1, op="+") == score
+
+
+@pytest.mark.parametrize("response, answer, score, format_ok, steps, steps_correct", [
+    ("7*3=21;12+21=33;33-4=29;#29", "29", 1.0, 1.0, 3, 1.0),
+    (" 7*3=21;12+21=33;33-4=29;#29\n", 29, 1.0, 1.0, 3, 1.0),  # surrounding whitespace
+    ("7*3=21;12+21=33;33-4=28;#28", "29", 0.0, 1.0, 3, 2 / 3),  # wrong final answer, one wrong step
+    ("7*3=20;12+20=32;32-4=29;#29", "29", 1.0, 1.0, 3, 1 / 3),  # right answer from wrong steps: scored
+    ("#29", "29", 1.0, 1.0, 0, 0.0),  # no steps at all
+    ("29", "29", 0.0, 0.0, 1, 0.0),  # no '#': no final answer
+    ("7*3=21;12+21=33;33-4=", "29", 0.0, 0.0, 3, 2 / 3),  # cut off at max_tokens
+    ("7*3=21;12+21=33;33-4=29;#029", "29", 0.0, 1.0, 3, 1.0),  # not the canonical integer
+    ("7*3=21;12+21=33;33-4=29;#29.0", "29", 0.0, 0.0, 3, 1.0),
+    ("7*3=21;#33;33-4=29;#29", "29", 1.0, 0.0, 3, 2 / 3),  # the last '#' counts; '#33' is a bad step
+    ("7*3=21 12+21=33;#33", "33", 1.0, 0.0, 1, 0.0),  # malformed step
+    ("", "29", 0.0, 0.0, 0, 0.0),
+    ("#", "29", 0.0, 0.0, 0, 0.0),
+    ("5-9=-4;-4+10=6;#6", "6", 1.0, 1.0, 2, 1.0),  # negative numbers parse
+    ("7*3=21;12+21=33;#33#", "33", 0.0, 0.0, 3, 2 / 3),  # nothing after the last '#'; '#33' a bad step
+])
+def test_steps_answer(response, answer, score, format_ok, steps, steps_correct):
+    result = steps_answer(response, answer=answer, difficulty=3, prompt="12+7*3-4=", warmup_target="...")
+    assert result.score == score
+    assert result.info == {"format_ok": format_ok, "steps": steps, "steps_correct": pytest.approx(steps_correct)}
+
+
+def test_steps_answer_can_require_every_step():
+    assert steps_answer("7*3=21;12+21=33;33-4=29;#29", answer="29", require_steps=True).score == 1.0
+    assert steps_answer("7*3=20;12+20=32;32-4=29;#29", answer="29", require_steps=True).score == 0.0
+    assert steps_answer("7*3=21;12+21=33;33-4=29; #29", answer="29", require_steps=True).score == 0.0
+
+
+def test_steps_answer_is_registered_and_runs_in_the_runner():
+    from rewards.api import resolve_reward
+    from rewards.runner import RewardRequest, RewardRunner
+
+    assert resolve_reward("steps_answer") is steps_answer
+    cfg = {"functions": [{"fn": "steps_answer"}]}
+    row = {"prompt": "2+3*4=", "answer": "14", "warmup_target": "3*4=12;2+12=14;#14", "difficulty": 2}
+    with RewardRunner(cfg, example_row=row) as runner:
+        good, bad = runner.score([RewardRequest(prompt=row["prompt"], response=r, fields=row)
+                                  for r in ("3*4=12;2+12=14;#14", "3*4=12;2+12=15;#15")])
+    assert (good.score, bad.score) == (1.0, 0.0)
+    assert good.info["steps_correct"] == 1.0 and bad.info["steps_correct"] == 0.5
 
 
 @pytest.mark.parametrize(
