@@ -88,15 +88,19 @@ def generate_rows(spec: ArithmeticSpec) -> list[dict]:
     return rows
 
 
-def make_arithmetic_dataset(spec: ArithmeticSpec) -> datasets.DatasetDict:
-    """Train and held-out ("test") splits as an HF dataset."""
-    rows = generate_rows(spec)
+def split_dataset(rows: list[dict], num_train: int) -> datasets.DatasetDict:
+    """The first `num_train` rows as the train split, the rest as the held-out ("test") one."""
     return datasets.DatasetDict(
         {
-            "train": datasets.Dataset.from_list(rows[: spec.num_train]),
-            "test": datasets.Dataset.from_list(rows[spec.num_train :]),
+            "train": datasets.Dataset.from_list(rows[:num_train]),
+            "test": datasets.Dataset.from_list(rows[num_train:]),
         }
     )
+
+
+def make_arithmetic_dataset(spec: ArithmeticSpec) -> datasets.DatasetDict:
+    """Train and held-out ("test") splits as an HF dataset."""
+    return split_dataset(generate_rows(spec), spec.num_train)
 
 
 # --- arithmetic_steps: multi-operation expressions solved step by step -----------------------
@@ -223,10 +227,4 @@ def generate_steps_rows(spec: StepsSpec) -> list[dict]:
 
 def make_steps_dataset(spec: StepsSpec) -> datasets.DatasetDict:
     """Train and held-out ("test") splits as an HF dataset."""
-    rows = generate_steps_rows(spec)
-    return datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_list(rows[: spec.num_train]),
-            "test": datasets.Dataset.from_list(rows[spec.num_train :]),
-        }
-    )
+    return split_dataset(generate_steps_rows(spec), spec.num_train)

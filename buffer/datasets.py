@@ -27,16 +27,17 @@ def _fingerprint(rows: list[dict[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def arithmetic_data(spec: ArithmeticSpec) -> PromptData:
-    ds = make_arithmetic_dataset(spec)
+def _prompt_data(ds) -> PromptData:
     train, evaluation = ds["train"].to_list(), ds["test"].to_list()
     return PromptData(train, evaluation, _fingerprint(train))
+
+
+def arithmetic_data(spec: ArithmeticSpec) -> PromptData:
+    return _prompt_data(make_arithmetic_dataset(spec))
 
 
 def arithmetic_steps_data(spec: StepsSpec) -> PromptData:
-    ds = make_steps_dataset(spec)
-    train, evaluation = ds["train"].to_list(), ds["test"].to_list()
-    return PromptData(train, evaluation, _fingerprint(train))
+    return _prompt_data(make_steps_dataset(spec))
 
 
 def _format_of(path: str) -> str:
