@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from algorithms.advantages import ADVANTAGE_ESTIMATORS
+from algorithms.d3s import D3S_TOKEN_SCOPES
 from algorithms.losses import AGGREGATIONS, POLICY_LOSSES
+from algorithms.tree import TREE_ADVANTAGES
 
 PROX_MODES = ("recompute", "loglinear")
 TIS_MODES = ("none", "token", "sequence")
@@ -46,6 +48,10 @@ class AlgorithmConfig:
     novelty_sharpening: bool = False  # XRPO (arXiv 2510.06672) bonus for novel correct answers
     novelty_lambda: float = 1.0
     novelty_kappa: float = 0.5  # bonus <= kappa * A
+    # Tree groups (rollout.workflow=tree) only, in place of `advantage`: per-segment
+    # advantages (algorithms/tree.py), "treerl" | "depth" | "leaf"; treerl and depth train a
+    # shared prefix once (a keep mask on its other copies), leaf trains every leaf whole.
+    tree_advantage: str = "treerl"
 
     # Policy loss (algorithms/losses.py).
     policy_loss: str = "ppo_clip"  # "ppo_clip" | "gspo" | "gspo_token"
@@ -67,11 +73,25 @@ class AlgorithmConfig:
     rejection_low: float = 0.5
     rejection_high: float = 2.0
 
+    # D³S token level (arXiv 2509.22115; algorithms/d3s.py): only the trained tokens with the
+    # highest |A|·H stay in the loss, a share f(v) = start + (end - start) * min(1, v /
+    # d3s_relax_steps) at trainer version v. start = end = 1.0: off. sampling=d3s sets start 0.5.
+    d3s_token_keep_start: float = 1.0
+    d3s_token_keep_end: float = 1.0
+    d3s_relax_steps: int = 200  # versions over which the share relaxes from start to end
+    d3s_token_scope: str = "sequence"  # top tokens per "sequence" | per "micro_batch" (across rows)
+    d3s_token_rescale: bool = True  # kept tokens weigh n/k, so each row keeps its weight in the loss
+
     # Sampling-side parts of a recipe (applied by the launcher, declared here so one name
     # selects the whole recipe).
     dynamic_sampling: bool = False  # DAPO: zero-variance groups never enter a batch
     max_num_gen_batches: int = 10  # DAPO: give up after this many batches' worth filtered in a row
     requires_sampler: Optional[str] = None  # a prompt sampler this recipe cannot run without
+
+    @property
+    def d3s_token_on(self) -> bool:
+        """Whether D³S's token selection runs in the loss."""
+        return self.d3s_token_keep_start < 1 or self.d3s_token_keep_end < 1
 
     @property
     def needs_reference(self) -> bool:
@@ -85,6 +105,7 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         _one_of("advantage", self.advantage, tuple(ADVANTAGE_ESTIMATORS))
+        _one_of("tree_advantage", self.tree_advantage, tuple(TREE_ADVANTAGES))
         _one_of("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
         _one_of("loss_agg", self.loss_agg, tuple(AGGREGATIONS))
         _one_of("prox_mode", self.prox_mode, PROX_MODES)
@@ -112,6 +133,11 @@ class AlgorithmConfig:
             f"must be > algorithm.rejection_low={self.rejection_low!r}",
         )
         _check("max_num_gen_batches", self.max_num_gen_batches, self.max_num_gen_batches >= 1, "must be >= 1")
+        for name in ("d3s_token_keep_start", "d3s_token_keep_end"):
+            value = getattr(self, name)
+            _check(name, value, 0 < value <= 1, "must be in (0, 1]: the share of trained tokens kept (1.0: all)")
+        _check("d3s_relax_steps", self.d3s_relax_steps, self.d3s_relax_steps >= 1, "must be >= 1 (trainer versions)")
+        _one_of("d3s_token_scope", self.d3s_token_scope, D3S_TOKEN_SCOPES)
         if self.prox_mode == "loglinear" and not self.decoupled:
             raise ValueError(
                 "algorithm.prox_mode='loglinear' approximates the proximal policy of decoupled PPO; "

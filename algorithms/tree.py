@@ -272,26 +272,48 @@ def _expand(runs: Runs, node_adv: dict[int, float]) -> list[list[float]]:
     return out
 
 
-def shared_prefix_mask(leaf_node_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-    """1 on the tokens of the first leaf (in order) that contains each node, 0 on the other copies.
+def shared_prefix_mask(leaf_node_ids: Sequence[Sequence[int]],
+                       loss_masks: Optional[Sequence[Sequence[int]]] = None) -> list[list[int]]:
+    """1 on the first copy (leaves in order) of each shared token, 0 on its other copies.
 
     A node shared by k leaves is one decision, sampled once; training all k copies would count
     it k times. Masking (rather than scaling each copy by 1/k) keeps the loss a sum of 0/1-masked
     terms that every aggregation already handles; summed over the group, each node's tokens
     enter the loss exactly once, so token-mean divides by the tree's distinct tokens. The mask
     is a keep mask: multiply it into the trajectory's loss mask.
+
+    With `loss_masks` (each leaf's own loss mask), a token is kept in the first leaf whose copy
+    of it is trained (loss mask 1): a copy masked in one leaf (e.g. by
+    `rollout.on_update=interrupt_newest`, which masks per leaf) does not take the others'
+    place, so every token some leaf trains is trained exactly once. Copies are matched by
+    (node, offset in the node).
     """
-    return _mask(_runs(leaf_node_ids))
+    return _mask(_runs(leaf_node_ids), _loss_masks(loss_masks, leaf_node_ids))
 
 
-def _mask(runs: Runs) -> list[list[int]]:
-    seen: set[int] = set()
+def _loss_masks(loss_masks: Optional[Sequence[Sequence[int]]],
+                leaf_node_ids: Sequence[Sequence[int]]) -> Optional[list[list[int]]]:
+    if loss_masks is None:
+        return None
+    if len(loss_masks) != len(leaf_node_ids):
+        raise ValueError(f"tree group has {len(leaf_node_ids)} leaves but {len(loss_masks)} loss masks")
+    for i, (m, ids) in enumerate(zip(loss_masks, leaf_node_ids)):
+        if len(m) != len(ids):
+            raise ValueError(f"tree leaf {i} has {len(ids)} node ids but a loss mask of {len(m)} tokens")
+    return [[1 if x else 0 for x in m] for m in loss_masks]
+
+
+def _mask(runs: Runs, loss_masks: Optional[list[list[int]]] = None) -> list[list[int]]:
+    kept: set[tuple[int, int]] = set()  # (node, offset in the node) already trained once
     mask = []
-    for leaf in runs:
+    for i, leaf in enumerate(runs):
         row: list[int] = []
         for n, count in leaf:
-            row.extend([0 if n in seen else 1] * count)
-        seen.update(n for n, _ in leaf)
+            for k in range(count):
+                trained = loss_masks is None or loss_masks[i][len(row)]
+                row.append(1 if trained and (n, k) not in kept else 0)
+                if trained:
+                    kept.add((n, k))
         mask.append(row)
     return mask
 
@@ -324,16 +346,23 @@ TREE_ADVANTAGES: dict[str, TreeAdvantage] = {
 
 
 def tree_advantages(estimator: str, leaf_node_ids: Sequence[Sequence[int]], rewards: Sequence[float],
-                    parents: dict[int, int], eps: float = 1e-6) -> tuple[list[list[float]], list[list[int]]]:
+                    parents: dict[int, int], eps: float = 1e-6,
+                    loss_masks: Optional[Sequence[Sequence[int]]] = None
+                    ) -> tuple[list[list[float]], list[list[int]]]:
     """One tree group's per-token advantages and per-token keep mask (`algorithm.tree_advantage`).
 
-    estimator: a key of TREE_ADVANTAGES. The mask is `shared_prefix_mask` when the estimator
-    trains shared prefixes once, else all ones. Both are lists shaped like leaf_node_ids.
+    estimator: a key of TREE_ADVANTAGES. The mask is `shared_prefix_mask(leaf_node_ids,
+    loss_masks)` when the estimator trains shared prefixes once, else all ones. Both are lists
+    shaped like leaf_node_ids.
     """
     if estimator not in TREE_ADVANTAGES:
         raise ValueError(f"tree advantage {estimator!r} is not one of {list(TREE_ADVANTAGES)}")
     tree = build_tree(leaf_node_ids, parents)
     spec = TREE_ADVANTAGES[estimator]
     adv = spec.per_token(tree, _rewards(rewards, len(tree.paths)), eps)
-    mask = _mask(tree.runs) if spec.masks_shared_prefixes else [[1] * sum(c for _, c in leaf) for leaf in tree.runs]
+    masks = _loss_masks(loss_masks, leaf_node_ids)
+    if spec.masks_shared_prefixes:
+        mask = _mask(tree.runs, masks)
+    else:
+        mask = [[1] * sum(c for _, c in leaf) for leaf in tree.runs]
     return adv, mask

@@ -160,7 +160,7 @@ class RolloutScheduler:
         """The extension's samples join the group they extend; returns that group (its start
         version stays the older one, so the staleness bound holds for every token)."""
         base_id = self.extension_of.pop(extension.group_id)
-        self._finish(extension.group_id)
+        self._settle(self._finish(extension.group_id), extension)
         self.ledger.merged += 1
         base = self.extending.pop(base_id)
         base.trajectories = [*base.trajectories, *extension.trajectories]
@@ -177,7 +177,7 @@ class RolloutScheduler:
         groups to train on, ids of groups dropped (reward policy or workflow), partial
         groups, and ids of finished groups the prompt sampler filtered out."""
         for group in groups:
-            self._finish(group.group_id)
+            self._settle(self._finish(group.group_id), group)
             self.buffer.put(group)
         for group_id in filtered:
             if group_id in self.extending:  # a merged group the sampler filtered
@@ -192,7 +192,7 @@ class RolloutScheduler:
             if base_id is not None:  # an extension the rewards dropped: its group trains as it was
                 self.buffer.put(self.extending.pop(base_id))
         for group in partial:
-            self.running.pop(group.group_id)
+            self._settle(self.running.pop(group.group_id), group)  # it resumes as the samples it has
             self.partial_pool.append(group)
             self.was_partial.add(group.group_id)
             self.ledger.partial += 1
@@ -219,6 +219,13 @@ class RolloutScheduler:
             return None
         self.ledger.finished += 1
         return self.running.pop(group_id)
+
+    def _settle(self, running: RunningGroup | None, group: Group) -> None:
+        """A group may come back with another number of samples than it was admitted with (a
+        tree with fewer leaves than rollout.n_samples): from now on it counts as the samples
+        it has, so admission, which counts samples, neither leaks room nor overcounts it."""
+        if running is not None:
+            self.samples_retired += running.samples - group.num_samples
 
     def _retire_extended(self, group: Group) -> None:
         self.samples_retired += group.num_samples

@@ -1,5 +1,9 @@
 """Packing groups into padded batches, and splitting a batch into micro-batches and rank shares.
 
+Tree groups (`Group.tree_parents` set, rollout.workflow=tree) are packed with per-token
+advantages from `algorithm.tree_advantage` (`tree_terms`) and their shared-prefix keep mask
+multiplied into the loss mask; every other group packs as before, one advantage per row.
+
 Rows are sorted by length into buckets of at most `trainer.max_tokens_per_micro_batch`
 padded tokens (`length_buckets`); with several ranks each takes a share balanced by tokens
 (`split_by_tokens`), and every rank runs the same number of micro-batches (`plan_update`).
@@ -14,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from algorithms.tree import tree_advantages
 from buffer.types import Group
 
 
@@ -31,6 +36,11 @@ class PackedBatch:
     group_index: torch.Tensor  # (B,)
     response_lengths: torch.Tensor  # (B,) response tokens of each row
     num_tokens: int
+    # Tree groups only (both None when the batch has none): per-token advantages (B, L-1),
+    # 0 outside tree rows, and which rows are tree leaves (B,) bool.
+    token_advantages: Optional[torch.Tensor] = None
+    tree_rows: Optional[torch.Tensor] = None
+    tree_masked_tokens: int = 0  # tokens the shared-prefix keep mask took out of the loss
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         """The same batch with every tensor on `device` (the model's)."""
@@ -38,12 +48,48 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
+def tree_terms(group: Group, estimator: str, eps: float) -> tuple[list[list[float]], list[list[int]]]:
+    """A tree group's per-token advantages and keep mask (`algorithms.tree.tree_advantages`),
+    one list per leaf, after checking that every leaf carries one node id per response token.
+    The keep mask keeps each shared token in the first leaf that trains it (its loss mask)."""
+    for t in group.trajectories:
+        if len(t.node_ids) != len(t.response_ids):
+            raise ValueError(
+                f"tree group {group.group_id}: trajectory {t.uid} has {len(t.node_ids)} node_ids for "
+                f"{len(t.response_ids)} response tokens; a tree workflow must give every response token "
+                "its node (Trajectory.node_ids)")
+    try:
+        return tree_advantages(estimator, [t.node_ids for t in group.trajectories], group.rewards,
+                               group.tree_parents, eps, loss_masks=[t.loss_mask for t in group.trajectories])
+    except ValueError as err:
+        raise ValueError(f"tree group {group.group_id} (algorithm.tree_advantage={estimator!r}): {err}") from err
+
+
+def pack_groups(groups: list[Group], pad_id: int, tree_advantage: Optional[str] = None,
+                adv_eps: float = 1e-6) -> PackedBatch:
+    """Pad the groups' trajectories into one batch. A tree group (non-empty `tree_parents`)
+    needs `tree_advantage` (a key of algorithms.tree.TREE_ADVANTAGES): its rows get per-token
+    advantages and its keep mask is multiplied into their loss mask."""
     trajs = [t for g in groups for t in g.trajectories]
     group_index = [i for i, g in enumerate(groups) for _ in g.trajectories]
     for t in trajs:
         if t.reward is None:
             raise ValueError(f"trajectory {t.uid} reached the trainer without a reward")
+    terms: dict[int, tuple[list[float], list[int]]] = {}  # row -> (its advantages, its keep mask)
+    row = 0
+    for g in groups:
+        if g.tree_parents:
+            if tree_advantage is None:
+                raise ValueError(f"tree group {g.group_id} reached pack_groups without a tree_advantage: "
+                                 "pass algorithm.tree_advantage")
+            for k, pair in enumerate(zip(*tree_terms(g, tree_advantage, adv_eps))):
+                terms[row + k] = pair
+        else:
+            stray = next((t for t in g.trajectories if t.node_ids), None)
+            if stray is not None:
+                raise ValueError(f"group {g.group_id}: trajectory {stray.uid} has node_ids but the group has no "
+                                 "tree_parents; a tree workflow must set Group.tree_parents")
+        row += len(g.trajectories)
     length = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
     batch = len(trajs)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -51,6 +97,8 @@ def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
     behaviour = torch.zeros((batch, length - 1))
     versions = torch.full((batch, length - 1), -1, dtype=torch.long)
     mask = torch.zeros((batch, length - 1))
+    token_adv = torch.zeros((batch, length - 1)) if terms else None
+    masked = 0
     for row, t in enumerate(trajs):
         p, r = len(t.prompt_ids), len(t.response_ids)
         input_ids[row, : p + r] = torch.tensor(t.prompt_ids + t.response_ids)
@@ -58,7 +106,14 @@ def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
         span = slice(p - 1, p - 1 + r)
         behaviour[row, span] = torch.tensor(t.behaviour_logprobs)
         versions[row, span] = torch.tensor(t.versions)
-        mask[row, span] = torch.tensor(t.loss_mask, dtype=torch.float)
+        own = torch.tensor(t.loss_mask, dtype=torch.float)
+        if row in terms:
+            adv, keep = terms[row]
+            token_adv[row, span] = torch.tensor(adv, dtype=torch.float)
+            kept = torch.tensor(keep, dtype=torch.float)
+            masked += int(((own > 0) & (kept == 0)).sum())
+            own = own * kept
+        mask[row, span] = own
     return PackedBatch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -69,7 +124,20 @@ def pack_groups(groups: list[Group], pad_id: int) -> PackedBatch:
         group_index=torch.tensor(group_index),
         response_lengths=torch.tensor([len(t.response_ids) for t in trajs]),
         num_tokens=int(mask.sum()),
+        token_advantages=token_adv,
+        tree_rows=torch.tensor([row in terms for row in range(batch)]) if terms else None,
+        tree_masked_tokens=masked,
     )
+
+
+def row_advantages(batch: PackedBatch, advantages: torch.Tensor) -> torch.Tensor:
+    """The advantages the loss reads: `advantages` (B,), one per row, as they are when the
+    batch has no tree rows; else (B, L-1), each row's scalar on every position and the tree
+    rows' own per-token advantages in their place."""
+    if batch.token_advantages is None:
+        return advantages
+    per_row = advantages.to(batch.token_advantages.dtype)[:, None].expand_as(batch.token_advantages)
+    return torch.where(batch.tree_rows[:, None], batch.token_advantages, per_row)
 
 
 def head_chunks(positions: int, chunk_tokens: Optional[int]) -> int:
@@ -164,13 +232,21 @@ def plan_update(rows: list[int], lengths: list[int], scored: list[int], rank: in
 
 
 def batch_statistics(batch: PackedBatch, advantages: torch.Tensor, version: int) -> dict[str, float]:
-    """What practitioners read first: advantage spread, dead groups, lengths, staleness."""
+    """What practitioners read first: advantage spread, dead groups, lengths, staleness.
+    Per-token advantages (a batch with tree rows) are summarised over the trained tokens."""
     lengths = batch.loss_mask.sum(-1)
     groups = batch.group_index.unique()
     zero_variance = sum(float(batch.rewards[batch.group_index == g].std(unbiased=False)) < 1e-8 for g in groups)
     trained = batch.loss_mask > 0
     ages = (version - batch.versions[trained]).float()
+    if advantages.dim() == 2:
+        advantages = advantages[trained] if trained.any() else advantages.new_zeros(1)
+    tree = {}
+    if batch.tree_rows is not None:
+        tree = {"train/tree_leaves": float(batch.tree_rows.sum()),
+                "train/tree_masked_tokens": float(batch.tree_masked_tokens)}
     return {
+        **tree,
         "adv/mean": float(advantages.mean()),
         "adv/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "adv/min": float(advantages.min()),

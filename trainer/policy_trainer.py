@@ -1,6 +1,7 @@
 """The DeepSpeed side: groups in, one optimizer update, new weights out.
 
-`train_step` is the whole story of a batch: rewards become group-relative advantages,
+`train_step` is the whole story of a batch: rewards become group-relative advantages
+(a tree group's, per token from `algorithm.tree_advantage`, its shared prefixes trained once),
 the current policy re-scores every response token, `algorithms.compute_policy_loss`
 turns that into a loss with the engine's behaviour logprobs as the reference, and one
 DeepSpeed step later the version goes up by one. `export_weights` then hands the new
@@ -50,7 +51,7 @@ from algorithms import (
 )
 from algorithms.losses import importance_weights, loglinear_prox
 from buffer.types import Group
-from trainer.batching import PackedBatch, UpdatePlan, batch_statistics, pack_groups, plan_update
+from trainer.batching import PackedBatch, UpdatePlan, batch_statistics, pack_groups, plan_update, row_advantages
 from trainer.broadcast_sender import BroadcastSender
 from trainer.distributed import gathered_state_dict, init_process_group, pin_to_cores, rendezvous_address
 from trainer.logprobs import install_policy_forward, supports_chunked_head, token_logprobs
@@ -329,7 +330,13 @@ class Trainer(BroadcastSender):
         whole, batch, and returns the same metrics."""
         start = time.perf_counter()
         algo = self.algorithm
-        batch = pack_groups(groups, self.tokenizer.pad_token_id).to(self.engine.device)
+        if algo.novelty_sharpening and any(g.tree_parents for g in groups):
+            raise ValueError("algorithm.novelty_sharpening sharpens one advantage per response, but this batch has "
+                             "tree groups (rollout.workflow=tree), whose advantages are per segment "
+                             f"(algorithm.tree_advantage={algo.tree_advantage!r}): "
+                             "set algorithm.novelty_sharpening=false")
+        batch = pack_groups(groups, self.tokenizer.pad_token_id, algo.tree_advantage,
+                            algo.adv_eps).to(self.engine.device)
         self.engine.train()
         mask = batch.loss_mask
         plans = self._plan(batch, len(groups))
@@ -347,6 +354,7 @@ class Trainer(BroadcastSender):
         if algo.novelty_sharpening:  # XRPO scores novelty by the response's mean logprob
             seq_mean = self._all_reduce((prox * mask).sum(-1) / mask.sum(-1).clamp(min=1))  # each row is one rank's
         advantages = compute_advantages(batch.rewards, batch.group_index, algo, seq_mean_logprobs=seq_mean)
+        advantages = row_advantages(batch, advantages)  # (B,), or (B, L-1) with tree groups
         metrics_sum: dict[str, float] = {}
         losses = []
         applied = 0
@@ -422,7 +430,7 @@ class Trainer(BroadcastSender):
                 PolicyLossInputs(
                     logprobs=logprobs,
                     old_logprobs=old,
-                    advantages=advantages[index],
+                    advantages=advantages[index] if advantages.dim() == 1 else advantages[cut],
                     loss_mask=mask,
                     behav_logprobs=batch.behaviour_logprobs[cut],
                     ref_logprobs=None if ref is None else ref[cut],

@@ -36,7 +36,8 @@ class PassThrough:
 class Sim:
     def __init__(self, batch_groups: int, eta: int, overprovision: float = 1.0, samples: int = 2,
                  dynamic_sampling: bool = False, stragglers: str = "wait", hold: bool = False,
-                 sizes: tuple[int, ...] | None = None) -> None:
+                 sizes: tuple[int, ...] | None = None, shrink: bool = False) -> None:
+        self.shrink = shrink  # groups come back with fewer samples than admitted (trees with fewer leaves)
         self.sched = RolloutScheduler(batch_groups, samples, eta, overprovision, stragglers=stragglers)
         self.filter = DapoFilter(PassThrough(), max_filtered=10**6) if dynamic_sampling else None
         self.eta = eta
@@ -90,6 +91,8 @@ class Sim:
 
     def finish_group(self, gid: str, rng: random.Random) -> None:
         g = self.live.pop(gid)
+        if self.shrink:
+            g.trajectories = g.trajectories[: rng.randint(1, len(g.trajectories))]
         for t in g.trajectories:
             if t.finish_reason is None:
                 t.append_tokens([1], [-0.1], self.synced)
@@ -222,6 +225,20 @@ def test_fair_schedules_make_progress(eta, overprovision, stragglers, sizes):
     assert sim.version >= 20
     if overprovision > 1:
         assert sim.sched.ledger.partial > 0 and sim.sched.ledger.resumed > 0
+
+
+@pytest.mark.parametrize("eta,overprovision,stragglers", [(0, 1.0, "wait"), (1, 1.0, "proceed"), (1, 2.0, "wait")])
+def test_groups_finishing_with_fewer_samples_than_admitted_neither_stall_nor_go_stale(eta, overprovision, stragglers):
+    """A tree may end with fewer leaves than rollout.n_samples: admission counts the samples
+    it came back with, so the room it did not use is free again (it used to leak until no
+    group could start and no batch fill)."""
+    rng = random.Random(eta)
+    sim = Sim(batch_groups=3, eta=eta, overprovision=overprovision, stragglers=stragglers, samples=4, shrink=True)
+    sim.play([rng.choice(EVENTS) for _ in range(4000)], seed=2)
+    assert sim.version >= 20
+    in_flight = sum(len(g.trajectories) for g in sim.live.values()) + sim.sched.buffer.num_samples + sum(
+        g.num_samples for g in sim.sched.partial_pool)
+    assert sim.sched.samples_started - sim.sched.samples_retired - sim.sched.samples_consumed == in_flight
 
 
 def _straggler_scenario(stragglers: str):
