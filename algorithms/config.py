@@ -76,8 +76,8 @@ class AlgorithmConfig:
     # D³S token level (arXiv 2509.22115; algorithms/d3s.py): only the trained tokens with the
     # highest |A|·H stay in the loss, a share f(v) = start + (end - start) * min(1, v /
     # d3s_relax_steps) at trainer version v. start = end = 1.0: off. sampling=d3s sets start 0.5.
-    d3s_token_keep_start: float = 1.0
-    d3s_token_keep_end: float = 1.0
+    d3s_token_keep_start: float = 1.0  # share of each response's trained tokens kept at version 0 (1.0: all)
+    d3s_token_keep_end: float = 1.0  # share kept from version d3s_relax_steps on
     d3s_relax_steps: int = 200  # versions over which the share relaxes from start to end
     d3s_token_scope: str = "sequence"  # top tokens per "sequence" | per "micro_batch" (across rows)
     d3s_token_rescale: bool = True  # kept tokens weigh n/k, so each row keeps its weight in the loss

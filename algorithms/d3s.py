@@ -49,10 +49,9 @@ D3S_TOKEN_SCOPES = ("sequence", "micro_batch")
 
 def d3s_token_keep_fraction(version: int, start: float, end: float, relax_steps: int) -> float:
     """f(v) = start + (end − start)·min(1, v / relax_steps): the share of trained tokens kept
-    at trainer version v (start at v = 0, end from v = relax_steps on)."""
-    if relax_steps < 1:
-        raise ValueError(f"algorithm.d3s_relax_steps={relax_steps!r} must be >= 1")
-    return start + (end - start) * min(1.0, max(0.0, version / relax_steps))
+    at trainer version v (start at v = 0, end from v = relax_steps on; relax_steps ≤ 0: end)."""
+    progress = min(1.0, max(0.0, version / relax_steps)) if relax_steps > 0 else 1.0
+    return start + (end - start) * progress
 
 
 def _kept_counts(trained: Tensor, fraction: float) -> Tensor:

@@ -6,7 +6,9 @@
   2. `importance_weights`: the constant per-token weight w (decoupled PPO / TIS) and
      the rejection mask. Computed once, applied the same way to every policy loss.
   3. `POLICY_LOSSES[cfg.policy_loss]`: the clipped surrogate per token, (B, T).
-  4. per_token = w * surrogate + kl_coef * KL_k3(pi_theta || pi_ref) - entropy_coef * H.
+  4. per_token = w * surrogate + kl_coef * KL_k3(pi_theta || pi_ref) - entropy_coef * H;
+     with D³S's token level on, times a constant weight that keeps the tokens with the
+     highest |A|·H (`algorithms/d3s.py`; the denominators stay the batch's).
   5. `aggregate(per_token, mask, cfg.loss_agg)`: a scalar.
 
 A batch trained in pieces (micro-batches, ranks) passes `LossDenominators` computed over
@@ -31,6 +33,8 @@ from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
+
+from algorithms.d3s import d3s_token_keep_fraction, d3s_token_weights
 
 if TYPE_CHECKING:
     from algorithms.config import AlgorithmConfig
@@ -441,6 +445,9 @@ def compute_policy_loss(inputs: PolicyLossInputs, cfg: AlgorithmConfig,
     if cfg.entropy_coef > 0:
         entropy = _required(inputs.entropy, "entropy", "algorithm.entropy_coef > 0")
         per_token = per_token - cfg.entropy_coef * entropy
+    if cfg.d3s_token_on:  # D³S token level: a constant weight, the denominators unchanged (algorithms/d3s.py)
+        per_token, d3s_metrics = _d3s_token_level(per_token, advantages, mask, inputs, cfg)
+        metrics.update(d3s_metrics)
     loss = aggregate(per_token, mask, cfg.loss_agg, cfg.loss_agg_constant, denominators)
 
     with torch.no_grad():
@@ -459,6 +466,21 @@ def compute_policy_loss(inputs: PolicyLossInputs, cfg: AlgorithmConfig,
         if behav is not None:
             metrics["mismatch_kl"] = _masked_mean(kl_k3(behav, old), mask)
     return PolicyLossOutput(loss=loss, metrics=metrics)
+
+
+def _d3s_token_level(per_token: Tensor, advantages: Tensor, mask: Tensor, inputs: PolicyLossInputs,
+                     cfg: AlgorithmConfig) -> tuple[Tensor, dict[str, float]]:
+    """D³S (arXiv 2509.22115): keep the share f(current_version) of the trained tokens with the
+    highest |A|·H (`algorithms.d3s`); the whole per-token loss (surrogate, KL, entropy bonus)
+    of a dropped token is weighted 0, of a kept one 1 or n/k (`algorithm.d3s_token_rescale`)."""
+    why = "algorithm.d3s_token_keep_start or d3s_token_keep_end < 1 (D³S token selection)"
+    entropy = _required(inputs.entropy, "entropy", why)
+    version = _required(inputs.current_version, "current_version", why)
+    fraction = d3s_token_keep_fraction(version, cfg.d3s_token_keep_start, cfg.d3s_token_keep_end,
+                                       cfg.d3s_relax_steps)
+    weight, metrics = d3s_token_weights(advantages, entropy, mask, fraction, cfg.d3s_token_scope,
+                                        cfg.d3s_token_rescale)
+    return per_token * weight, metrics
 
 
 def _old_logprobs(inputs: PolicyLossInputs, behav: Optional[Tensor], cfg: AlgorithmConfig) -> Tensor:

@@ -46,7 +46,8 @@ class Ledger:
     item starts again as a new group, so nothing is lost and nothing is trained twice),
     extending (finished, waiting for the extra samples the sampler asked for, DARS), or
     merged (those extra samples, now part of the group they extend). `partial`, `resumed` and `samples_interrupted` count
-    events, not groups in a state.
+    events, not groups in a state; `samples_trimmed` counts samples of consumed groups that
+    were not trained on (D³S keeps a subset of each group).
     """
 
     started: int = 0
@@ -60,6 +61,7 @@ class Ledger:
     resumed: int = 0  # times a partial group was resumed
     samples_interrupted: int = 0  # requests aborted by a weight update and resumed
     masked_tokens: int = 0  # APRIL: tokens kept as context only, being older than η
+    samples_trimmed: int = 0  # samples of consumed groups a sampler kept out of training (D³S `trim`)
 
     @property
     def retired(self) -> int:

@@ -39,13 +39,16 @@ class PromptSampler(Protocol):
 
         A sampler that extends groups (DARS) also has `holding() -> set[str]`, the ids of
         observed groups it holds for more samples (neither trained nor filtered yet), and
-        `urgent(version) -> list[PromptItem]`, their extensions, started whatever the room."""
+        `urgent(version) -> list[PromptItem]`, their extensions, started whatever the room.
+        A sampler that trains on part of each group (D³S) also has `trim(group, version) ->
+        Group`: called on every group of a batch just before it goes to the trainer, it
+        returns the group with the samples to train on (the others are counted, not trained)."""
 
 
 @dataclass
 class SamplingConfig:
-    """`name`: a registered sampler (uniform | dapo_filter) or a dotted path; `kwargs` go to
-    its constructor."""
+    """`name`: a registered sampler (uniform | dapo_filter | vade | xrpo | dars | d3s) or a
+    dotted path; `kwargs` go to its constructor."""
 
     name: str = "uniform"
     kwargs: dict = field(default_factory=dict)
@@ -125,6 +128,10 @@ class DapoFilter:
         urgent = getattr(self.inner, "urgent", None)
         return urgent(version) if urgent else []
 
+    def trim(self, group: Group, version: int) -> Group:
+        trim = getattr(self.inner, "trim", None)
+        return trim(group, version) if trim else group
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "filtered": self.filtered,
                 "filtered_in_a_row": self.filtered_in_a_row}
@@ -148,10 +155,18 @@ def dars_sampler(*args: Any, **kwargs: Any) -> PromptSampler:
     return DarsSampler(*args, **kwargs)
 
 
+def d3s_sampler(*args: Any, **kwargs: Any) -> PromptSampler:
+    """`d3s`: buffer/d3s.py (imported on use, as dars)."""
+    from buffer.d3s import D3sSampler
+
+    return D3sSampler(*args, **kwargs)
+
+
 # dapo_filter: uniform prompts, zero-variance groups filtered (`build_sampler` wraps it);
-# vade, xrpo: difficulty-adaptive samplers (buffer/strategies.py, docs/sampling.md)
+# vade, xrpo: difficulty-adaptive samplers (buffer/strategies.py, docs/sampling.md);
+# dars, d3s: group extension and group trimming (buffer/dars.py, buffer/d3s.py)
 SAMPLERS = {"uniform": UniformSampler, "dapo_filter": UniformSampler, "vade": VadeSampler, "xrpo": XrpoSampler,
-            "dars": dars_sampler}
+            "dars": dars_sampler, "d3s": d3s_sampler}
 
 
 def build_sampler(cfg: SamplingConfig, rows: Sequence[dict[str, Any]], n_samples: int, seed: int,

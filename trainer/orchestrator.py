@@ -391,16 +391,34 @@ class Orchestrator:
             hold = self.sched.hold_running if self.cfg.hold_on_interrupt else None
             for i in live:
                 self._fire(i, "interrupt", self.rollouts[i].interrupt(), on_result=hold)
-        step = self.trainer.train_step(batch)
+        trained = self._trimmed(batch)
+        step = self.trainer.train_step(trained)
         version = self.version + 1
         pushes = self.transport.push(step.weights, version, [self.rollouts[i] for i in live])
         sync = asyncio.ensure_future(self._pushed(dict(zip(live, pushes))))
         pass_rates = [sum(r is not None and r >= 1.0 for r in g.rewards) / g.num_samples for g in batch]
         self.syncs.append(PendingSync(sync, version, [self.version - g.start_version for g in batch],
-                                      self.sched.partial_ratio(batch), pass_rates, [g.num_samples for g in batch],
+                                      self.sched.partial_ratio(batch), pass_rates, [g.num_samples for g in trained],
                                       mean_stats([g.stats for g in batch]),
-                                      self._sample_rows(batch, version), started=now))
+                                      self._sample_rows(trained, version), started=now))
         return self._call(self.trainer.name, "train_step", step.metrics)
+
+    def _trimmed(self, batch: list) -> list:
+        """The batch as the trainer gets it: a sampler with `trim` (D³S) keeps part of each
+        group's samples; the rest count in the ledger (`samples_trimmed`), the group stays one
+        consumed group. Pass rates are logged from the whole groups."""
+        trim = getattr(self.sampler, "trim", None)
+        if trim is None:
+            return batch
+        trained = [trim(g, self.version) for g in batch]
+        for before, after in zip(batch, trained):
+            uids = {t.uid for t in before.trajectories}
+            if after.group_id != before.group_id or not after.trajectories or not all(
+                    t.uid in uids for t in after.trajectories):
+                raise RuntimeError(f"prompt sampler {type(self.sampler).__name__}.trim must return group "
+                                   f"{before.group_id} with a non-empty subset of its own samples")
+        self.sched.ledger.samples_trimmed += sum(b.num_samples - a.num_samples for b, a in zip(batch, trained))
+        return trained
 
     async def _pushed(self, pushes: dict[int, Awaitable]) -> dict[int, dict]:
         """The push's result from every worker that took it; a worker that died meanwhile is
