@@ -62,7 +62,7 @@ from typing import Iterable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_algorithms import REPO, _fmt  # noqa: E402
 
-STRATEGIES = ("uniform", "dapo_filter", "vade", "xrpo", "dars")
+STRATEGIES = ("uniform", "dapo_filter", "vade", "xrpo", "dars", "d3s")
 STOP_GRACE_S = 60  # after SIGINT, how long the run may take to shut its engines down
 
 
