@@ -444,6 +444,27 @@ def run(strategy: str, seed: int, task: str, cmd: list[str], root: Path, budget:
     return result
 
 
+def reanalyse(paths: list[Path], target_spec: str) -> int:
+    """The summary of earlier comparisons' results (their --out files, merged) at another target."""
+    results, order = [], []
+    for path in paths:
+        for raw in json.loads(path.read_text())["results"]:
+            raw["evals"] = [tuple(e) for e in raw["evals"]]
+            results.append(Result(**raw))
+            order += [] if raw["strategy"] in order else [raw["strategy"]]
+    starts = [r.start_accuracy for r in results if r.start_accuracy is not None]
+    target, start = resolve_target(target_spec, starts)
+    for r in results:
+        apply_target(r, target)
+    summaries = summarize(results, order)
+    print(f"{len(results)} runs from {', '.join(map(str, paths))}; starting accuracy {start:.4f}, "
+          f"target {target:.4f} ({target_spec})\n")
+    print(runs_table(results) + "\n")
+    print(summary_table(summaries))
+    print(last_line(summaries))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
@@ -459,8 +480,12 @@ def main() -> int:
                     help="trainer.total_steps, a cap (default 3x the steps uniform needs at 8 samples a group)")
     ap.add_argument("--output-root", type=Path, default=None, help="default runs/compare-sampling-<time>")
     ap.add_argument("--out", type=Path, default=None, help="write every run's results as JSON here")
+    ap.add_argument("--from", dest="from_json", nargs="+", type=Path, default=None,
+                    help="runs nothing: re-reads the --out files of earlier comparisons (merged) at --target")
     ap.add_argument("overrides", nargs="*", help="hydra overrides applied to every run (after --)")
     args = ap.parse_args()
+    if args.from_json:
+        return reanalyse(args.from_json, args.target)
     if not (REPO / "configs" / "task" / f"{args.task}.yaml").exists():
         print(f"compare_sampling: skipping task={args.task}: configs/task/{args.task}.yaml does not exist "
               "(no such task in this checkout)", flush=True)

@@ -194,3 +194,20 @@ def test_missing_task_is_skipped(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare_sampling.py", "--task", "no_such_task"])
     assert cs.main() == 0
     assert "skipping task=no_such_task" in capsys.readouterr().out
+
+
+def test_reanalysing_saved_results_at_another_target_merges_files_and_moves_the_crossing(tmp_path, capsys):
+    def result(strategy, seed, evals):
+        r = cs.Result(strategy, seed, "arithmetic", ["grove"], 0, "budget", 60.0, 1000, steps=10, rollouts_used=1000,
+                      evals=evals, start_accuracy=evals[0][2])
+        return cs.asdict(r)
+
+    slow = [(0, 0.0, 0.20, 0), (5, 5.0, 0.26, 400), (10, 10.0, 0.31, 800)]
+    fast = [(0, 0.0, 0.20, 0), (5, 5.0, 0.31, 400), (10, 10.0, 0.32, 800)]
+    one, two = tmp_path / "a.json", tmp_path / "b.json"
+    one.write_text(json.dumps({"results": [result("uniform", s, slow) for s in (0, 1)]}))
+    two.write_text(json.dumps({"results": [result("vade", s, fast) for s in (0, 1)]}))
+    assert cs.reanalyse([one, two], "+0.05") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "compare_sampling: uniform=400/nan vade=400/nan"
+    assert cs.reanalyse([one, two], "+0.10") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "compare_sampling: uniform=800/nan vade=400/nan"
