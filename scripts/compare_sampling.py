@@ -102,14 +102,15 @@ def parse_records(lines: Iterable[str]) -> list[dict]:
 
 
 def rollouts_by_step(records: list[dict], n_samples: int) -> dict[int, int]:
-    """Rollouts used by each logged training step: trained responses so far, plus
+    """Rollouts used by each logged training step: trained responses so far, plus the
+    samples a sampler trimmed from trained groups (D³S: generated, then not trained), plus
     `n_samples` for every group filtered out or dropped so far."""
     steps = sorted((r for r in records if r.get("train/num_trajectories") is not None), key=lambda r: r["step"])
     used, trained = {}, 0.0
     for r in steps:
         trained += r["train/num_trajectories"]
         retired = (r.get("ledger/filtered") or 0.0) + (r.get("ledger/dropped") or 0.0)
-        used[r["step"]] = int(round(trained + n_samples * retired))
+        used[r["step"]] = int(round(trained + (r.get("ledger/samples_trimmed") or 0.0) + n_samples * retired))
     return used
 
 

@@ -60,6 +60,13 @@ def test_variable_group_sizes_are_counted_by_trajectories():
     assert cs.rollouts_by_step(cs.parse_records(lines), N) == {1: 64, 2: 164, 3: 236}
 
 
+def test_samples_a_sampler_trimmed_count_as_rollouts():
+    # d3s: 8 generated per group, 4 trained; the other 4 were still generated
+    lines = [json.dumps({"step": s, "time_s": float(s), "train/num_trajectories": 32.0, "ledger/filtered": 0.0,
+                         "ledger/samples_trimmed": 32.0 * s}) for s in (1, 2, 3)]
+    assert cs.rollouts_by_step(cs.parse_records(lines), N) == {1: 64, 2: 128, 3: 192}
+
+
 def test_a_line_cut_short_is_skipped():
     lines = metrics_lines({}, 3)
     lines[-2] = lines[-2][:40]
