@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import time
 
 # Layers whose only tensors are buffers computed from the config, never in a checkpoint:
 # vLLM's reload warns "<layer>: Failed to load weights" for them at every load.
@@ -199,9 +200,18 @@ class GroveWorkerExtension:
         if core is None:
             raise RuntimeError("grove_swap_weights needs the model in the engine-core process "
                                "(rollout.engine.executor=uniproc); other executors pause, load and label")
+        start = time.perf_counter()
         count = self.grove_load_weights(payload, loader)
         core.set_weight_version(version)
+        # the engine core runs no step during this call: it is the generation stall of the swap
+        self._grove_stalls = [*getattr(self, "_grove_stalls", [])[-999:], time.perf_counter() - start]
         return count
+
+    def grove_take_stalls(self) -> list[float]:
+        """Seconds each `grove_swap_weights` since the last call held the engine core (it
+        generates nothing meanwhile; scripts/bench_weight_sync.py reads them)."""
+        stalls, self._grove_stalls = getattr(self, "_grove_stalls", []), []
+        return stalls
 
     def grove_load_weights(self, payload, loader: str = "live") -> int:
         """Load new weights by `loader`: "live" (LiveLoader) or "inplace" (InPlaceLoader)

@@ -118,7 +118,7 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
     from trainer.launcher import preflight, start_actors
 
     data, model_path = preflight(cfg, say)
-    (worker,), trainer = start_actors(cfg, model_path)
+    (worker,), (trainer,) = start_actors(cfg, model_path)  # one worker, one trainer rank
     try:
         setup = ray.get([worker.astart.remote(), trainer.setup.remote()])
         say(f"bounds: engines ready {setup}")

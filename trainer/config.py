@@ -71,17 +71,42 @@ class BufferConfig:
     stragglers: str = "proceed"
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ClusterConfig:
     """Where the engines run. A profile in `configs/cluster/` sets this and the engine
-    settings that differ between a CPU box and GPUs (pinning, dtype, eager mode)."""
+    settings that differ between a CPU box and GPUs (pinning, dtype, eager mode). The
+    trainer ranks and the rollout workers each hold a bundle of a Ray placement group
+    (trainer/placement.py), on a local Ray or on an existing cluster alike."""
 
     name: str = "cpu_local"
-    num_cpus: Optional[int] = None  # CPUs Ray may use on this machine; null = all
+    # null: a Ray of this run's own on this machine. "auto" (the cluster `ray start` made
+    # on this machine), "host:port" or "ray://host:10001": connect to an existing cluster.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # CPUs the local Ray may use; null = all (not used with cluster.address)
     rollout_cpus: float = 1.0  # CPUs Ray reserves per rollout worker actor
-    trainer_cpus: float = 1.0  # CPUs Ray reserves for the trainer actor
+    trainer_cpus: float = 1.0  # CPUs Ray reserves per trainer rank
     rollout_gpus: float = 0.0  # GPUs per rollout worker actor
-    trainer_gpus: float = 0.0  # GPUs for the trainer actor
+    trainer_gpus: float = 0.0  # GPUs per trainer rank
+    # Ray placement strategies: PACK keeps the trainer ranks on as few nodes as possible
+    # (their collectives stay inside a node); SPREAD puts rollout workers on different nodes.
+    trainer_placement: str = "PACK"
+    rollout_placement: str = "SPREAD"
+    placement_timeout_s: float = 120.0  # Ray must place every actor within this, or the run stops, saying what is missing
+
+    def __post_init__(self) -> None:
+        for key in ("trainer_placement", "rollout_placement"):
+            if getattr(self, key) not in PLACEMENT_STRATEGIES:
+                raise ValueError(f"cluster.{key}={getattr(self, key)!r} is not one of {list(PLACEMENT_STRATEGIES)}")
+        for kind in ("rollout", "trainer"):
+            cpus, gpus = getattr(self, f"{kind}_cpus"), getattr(self, f"{kind}_gpus")
+            if cpus < 0 or gpus < 0 or cpus + gpus <= 0:
+                raise ValueError(f"cluster.{kind}_cpus={cpus} and cluster.{kind}_gpus={gpus}: each {kind} actor needs "
+                                 "some CPU or GPU (both >= 0, not both 0)")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
 @dataclass
@@ -166,14 +191,15 @@ class GroveConfig:
             if sync.bucket_mb <= 0 or sync.timeout_s <= 0 or sync.backend not in ("auto", "gloo", "nccl"):
                 raise ValueError(f"weight_sync: bucket_mb and timeout_s must be > 0 and backend auto|gloo|nccl, "
                                  f"got {sync.bucket_mb}, {sync.timeout_s}, {sync.backend!r}")
-        cluster, workers = self.cluster, self.rollout.num_workers
-        wanted = workers * cluster.rollout_cpus + cluster.trainer_cpus
-        if cluster.num_cpus is not None and wanted > cluster.num_cpus:
+        cluster, workers, ranks = self.cluster, self.rollout.num_workers, self.trainer.world_size
+        wanted = workers * cluster.rollout_cpus + ranks * cluster.trainer_cpus
+        if cluster.address is None and cluster.num_cpus is not None and wanted > cluster.num_cpus:
+            share = cluster.num_cpus / (workers + ranks)
             raise ValueError(
-                f"rollout.num_workers={workers} x cluster.rollout_cpus={cluster.rollout_cpus} + cluster.trainer_cpus="
-                f"{cluster.trainer_cpus} = {wanted} CPUs, but cluster.num_cpus={cluster.num_cpus}: Ray would never "
-                f"place them all and the run would wait forever. Set cluster.rollout_cpus="
-                f"{(cluster.num_cpus - cluster.trainer_cpus) / workers:g} (workers share the CPUs) or raise cluster.num_cpus."
+                f"rollout.num_workers={workers} x cluster.rollout_cpus={cluster.rollout_cpus} + trainer.world_size="
+                f"{ranks} x cluster.trainer_cpus={cluster.trainer_cpus} = {wanted:g} CPUs, but cluster.num_cpus="
+                f"{cluster.num_cpus}: Ray could never place them all. Set cluster.rollout_cpus={share:g} and "
+                f"cluster.trainer_cpus={share:g} (the actors share the CPUs) or raise cluster.num_cpus."
             )
         needs = self.algorithm.requires_sampler
         if needs is not None and self.sampling.name != needs:

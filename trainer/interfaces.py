@@ -63,10 +63,14 @@ class StepHandle:
 
 
 class TrainerClient(Protocol):
+    """The trainer: one process, or `trainer.world_size` ranks behind one client, which
+    sends every call to every rank and fails it when any rank fails, naming the rank."""
+
     name: str
 
     def train_step(self, groups: list[Group]) -> StepHandle:
-        """One optimizer step (version + 1) on these groups, and its weights exported."""
+        """One optimizer step (version + 1) on these groups, and its weights exported
+        (rank 0's export: the other ranks train their share and join the gathers)."""
 
     def save(self, path: str) -> Awaitable[None]:
         """Write the policy as an HF model folder."""

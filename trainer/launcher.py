@@ -1,6 +1,6 @@
 """Wires one run together: check the inputs, start the engines, run the orchestrator, save.
 
-    preflight (data, rewards, model)  ->  Ray actors: rollout worker(s), trainer
+    preflight (data, rewards, model)  ->  Ray actors: rollout workers, trainer ranks (placement groups)
     held-out accuracy before  ->  Orchestrator.run()  ->  held-out accuracy after  ->  final_model/
 
 The loop itself is `trainer.orchestrator.Orchestrator`. Ray carries the plain classes
@@ -110,33 +110,61 @@ QUIET = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "OM
          "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
 
-def start_actors(cfg: GroveConfig, model_path: str) -> tuple[list, object]:
-    """`rollout.num_workers` rollout worker actors and the trainer actor on Ray, with the
-    resources the platform profile gives them (`cluster.*`)."""
+def start_actors(cfg: GroveConfig, model_path: str, placement=None) -> tuple[list, list]:
+    """`rollout.num_workers` rollout worker actors and `trainer.world_size` trainer rank
+    actors on Ray (started by `connect`: local, or the cluster `cluster.address` names),
+    each in its bundle of `placement` (reserved here when not given; trainer/placement.py).
+    Nothing is set up yet: `start_up` does that."""
+    from trainer.placement import connect, reserve
+
+    connect(cfg)
+    placement = placement or reserve(cfg)
+    workers = [start_rollout_actor(cfg, model_path, placement, i) for i in range(cfg.rollout.num_workers)]
+    return workers, start_trainer_ranks(cfg, model_path, placement)
+
+
+def start_trainer_ranks(cfg: GroveConfig, model_path: str, placement) -> list:
+    """One `Trainer` actor per rank, rank r in the trainer placement group's bundle r."""
     import ray
 
     from trainer.policy_trainer import Trainer
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=True, configure_logging=True)
-    workers = [start_rollout_actor(cfg, model_path) for _ in range(cfg.rollout.num_workers)]
-    trainer = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=cfg.cluster.trainer_gpus, max_restarts=0)(
-        Trainer).options(runtime_env={"env_vars": QUIET}).remote(model_path, cfg.trainer, cfg.algorithm,
-                                                                  cfg.rollout.temperature)
-    return workers, trainer
+    ranks = cfg.trainer.world_size
+    actor = ray.remote(max_restarts=0)(Trainer)
+    return [actor.options(runtime_env={"env_vars": QUIET}, **placement.trainer_options(r)).remote(
+        model_path, cfg.trainer, cfg.algorithm, cfg.rollout.temperature, rank=r, world_size=ranks)
+        for r in range(ranks)]
 
 
-def start_rollout_actor(cfg: GroveConfig, model_path: str):
-    """One rollout worker actor (not started: call `astart`)."""
+def start_rollout_actor(cfg: GroveConfig, model_path: str, placement, index: int):
+    """Rollout worker `index`'s actor, in its bundle (not started: call `astart`)."""
     import ray
 
     from rollout.engine import engine_env
     from rollout.worker import RolloutWorker
 
-    return ray.remote(num_cpus=cfg.cluster.rollout_cpus, num_gpus=cfg.cluster.rollout_gpus, max_restarts=0)(
-        RolloutWorker).options(runtime_env={"env_vars": {**QUIET, **engine_env(cfg.rollout.engine)}}).remote(
-        model_path, cfg.rollout, cfg.reward, os.getcwd())
+    return ray.remote(max_restarts=0)(RolloutWorker).options(
+        runtime_env={"env_vars": {**QUIET, **engine_env(cfg.rollout.engine)}}, **placement.rollout_options(index)
+    ).remote(model_path, cfg.rollout, cfg.reward, os.getcwd())
+
+
+def rank_names(ranks: list) -> list[str]:
+    return ["trainer"] if len(ranks) == 1 else [f"trainer rank {r}" for r in range(len(ranks))]
+
+
+def start_up(workers: list, ranks: list) -> list:
+    """Start every engine at once: the rollout workers' vLLM, and the trainer ranks, which
+    meet at rank 0's address (its machine, a free port) to form their process group.
+    Returns each one's start-up timings; the first failure stops it, naming the actor."""
+    import ray
+
+    if len(ranks) > 1:
+        address, port = checked(ray.get, ranks[0].rendezvous.remote(), "trainer rank 0: rendezvous")
+        trainers = [r.setup.remote(address, port) for r in ranks]
+    else:
+        trainers = [ranks[0].setup.remote()]
+    names = [f"rollout worker {i}" for i in range(len(workers))] + rank_names(ranks)
+    return checked_all([*(w.astart.remote() for w in workers), *trainers], names, "engine start-up")
 
 
 def make_sampler(cfg: GroveConfig, data: PromptData):
@@ -146,37 +174,43 @@ def make_sampler(cfg: GroveConfig, data: PromptData):
                          max_filtered=algo.max_num_gen_batches * cfg.trainer.batch_groups, cwd=os.getcwd())
 
 
-def build_orchestrator(cfg: GroveConfig, data: PromptData, workers: list, trainer, logger: MetricsLogger,
-                       model_path: str):
+def build_orchestrator(cfg: GroveConfig, data: PromptData, workers: list, ranks: list, logger: MetricsLogger,
+                       model_path: str, placement):
     """The orchestrator over these actors, with the configured sampler and transport, and
-    a factory that replaces a dead worker (it updates `workers` in place)."""
+    a factory that replaces a dead worker in its bundle (it updates `workers` in place)."""
     from trainer.clients import RayRolloutClient, RayRolloutFactory, RayTrainerClient, build_transport
     from trainer.orchestrator import LoopConfig, Orchestrator
-
     key = cfg.task.prompt_key
     clients = [RayRolloutClient(f"rollout worker {i}", w, key) for i, w in enumerate(workers)]
-    factory = RayRolloutFactory(lambda: start_rollout_actor(cfg, model_path), trainer, workers, key)
-    return Orchestrator(LoopConfig.from_config(cfg), make_sampler(cfg, data), clients,
-                        RayTrainerClient("trainer", trainer),
-                        build_transport(cfg.weight_sync.transport, os.getcwd(), trainer), logger,
+    trainer = RayTrainerClient("trainer", ranks)
+    factory = RayRolloutFactory(lambda i: start_rollout_actor(cfg, model_path, placement, i), trainer, workers, key)
+    return Orchestrator(LoopConfig.from_config(cfg), make_sampler(cfg, data), clients, trainer,
+                        build_transport(cfg.weight_sync.transport, os.getcwd(), ranks), logger,
                         data.eval[: cfg.eval.max_rows], factory)
 
 
-def open_weight_group(cfg: GroveConfig, workers: list, trainer) -> None:
-    """The broadcast transport's group: the trainer (rank 0) and each engine's model worker
-    join concurrently, then every engine gets the bucket plan."""
+def open_weight_group(cfg: GroveConfig, workers: list, ranks: list) -> None:
+    """The broadcast transport's group: trainer rank 0 (the sender) and each engine's model
+    worker join concurrently, then every engine gets the bucket plan. The other trainer
+    ranks only plan the same buckets: under ZeRO-3 they take part in each bucket's gather."""
     import ray
 
     sync = cfg.weight_sync
     world = 1 + len(workers)
-    address, port = checked(ray.get, trainer.free_port.remote(), "weight group address")
-    opened = trainer.broadcast_open.remote(address, port, world, sync.backend, sync.bucket_mb, sync.timeout_s,
-                                           sync.delta)
+    address, port = checked(ray.get, ranks[0].free_port.remote(), "weight group address")
+    opened = [r.broadcast_open.remote(address, port, world, sync.backend, sync.bucket_mb, sync.timeout_s, sync.delta)
+              for r in ranks]
     joins = [w.join_weight_group.remote(address, port, i + 1, world, sync.backend, sync.timeout_s)
              for i, w in enumerate(workers)]
-    plan = checked(ray.get, opened, "the trainer joining the weight group")
-    checked(ray.get, joins, "the engines joining the weight group")
-    checked(ray.get, [w.set_weight_plan.remote(plan) for w in workers], "sending the bucket plan")
+    names = rank_names(ranks) + [f"rollout worker {i}" for i in range(len(workers))]
+    plans = checked_all([*opened, *joins], names, "joining the weight group")[:len(ranks)]
+    if any(plan != plans[0] for plan in plans[1:]):
+        from trainer.orchestrator import RunError
+
+        raise RunError("joining the weight group failed: the trainer ranks planned different buckets "
+                       "(their models differ); the ranks must load the same model")
+    checked_all([w.set_weight_plan.remote(plans[0]) for w in workers],
+                [f"rollout worker {i}" for i in range(len(workers))], "sending the bucket plan")
 
 
 def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
@@ -193,20 +227,23 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
         eval_rows = data.eval[: cfg.eval.max_rows]
         say(f"model: {model_path}")
         with logger.activity("starting the engines"):
-            workers, trainer = start_actors(cfg, model_path)
+            from trainer.placement import connect, reserve
+
+            connect(cfg)
+            placement = reserve(cfg)
+            workers, ranks = start_actors(cfg, model_path, placement)
             if cfg.logger.samples_every:  # the sample table's responses as text (loaded while the engines start)
                 logger.use_tokenizer(model_path)
-            setup = checked(ray.get, [*(w.astart.remote() for w in workers), trainer.setup.remote()],
-                            "engine start-up")
+            setup = start_up(workers, ranks)
         say(f"engines ready: {setup}")
         if cfg.weight_sync.transport == "broadcast":
-            open_weight_group(cfg, workers, trainer)
+            open_weight_group(cfg, workers, ranks)
         key = cfg.task.prompt_key
         with logger.activity("held-out evaluation before RL"):
             before = checked(ray.get, workers[0].evaluate.remote(eval_rows, key), "held-out evaluation before RL")
         logger.log(0, before)
         say(f"held-out accuracy before RL: {before['eval/accuracy']:.3f}")
-        orchestrator = build_orchestrator(cfg, data, workers, trainer, logger, model_path)
+        orchestrator = build_orchestrator(cfg, data, workers, ranks, logger, model_path, placement)
         logger.start_training(cfg.trainer.total_steps)
         ledger = asyncio.run(orchestrator.run())
         first = orchestrator.rollouts[0].actor  # (a replacement, if the first one died)
@@ -215,7 +252,9 @@ def train(cfg: GroveConfig, run_dir: Path) -> RunSummary:
         logger.log(orchestrator.version, after)
         say(f"held-out accuracy after RL: {after['eval/accuracy']:.3f}")
         with logger.activity("saving final_model"):
-            checked(ray.get, trainer.save_pretrained.remote(str(run_dir / "final_model")), "saving final_model")
+            # every rank: under ZeRO-3 the export gathers the parameters, a collective
+            checked_all([r.save_pretrained.remote(str(run_dir / "final_model")) for r in ranks], rank_names(ranks),
+                        "saving final_model")
         checked(ray.get, [w.ashutdown.remote() for w in workers], "rollout shutdown")
         from trainer.plot import write_run_dashboard
 
@@ -242,3 +281,25 @@ def checked(get, refs, what: str):
         return get(refs)
     except Exception as err:  # noqa: BLE001 - a failed actor call ends the run, named
         raise RunError(f"{what} failed: {describe_error(err)}") from err
+
+
+def checked_all(refs: list, names: list[str], what: str) -> list:
+    """`ray.get` of several actors' calls, in order; the first failure stops it as soon as
+    it happens, naming its actor (the others may never finish: a rank whose peer failed
+    waits in a collective)."""
+    import ray
+
+    from trainer.interfaces import describe_error
+    from trainer.orchestrator import RunError
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            try:
+                results[index[ref]] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a failed actor call ends the run, named
+                raise RunError(f"{what} failed on {names[index[ref]]}: {describe_error(err)}") from err
+    return results
