@@ -93,7 +93,7 @@ class ClusterConfig:
     # Ray placement strategies: PACK keeps the trainer ranks on as few nodes as possible
     # (their collectives stay inside a node); SPREAD puts rollout workers on different nodes.
     trainer_placement: str = "PACK"
-    rollout_placement: str = "SPREAD"
+    rollout_placement: str = "SPREAD"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD, for the rollout workers
     placement_timeout_s: float = 120.0  # Ray must place every actor within this, or the run stops, saying what is missing
 
     def __post_init__(self) -> None:
