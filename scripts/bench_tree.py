@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import statistics
 import sys
 import time
@@ -56,23 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.bench_async import stdout_to_stderr  # noqa: E402
+
 
 def say(text: str) -> None:
     print(f"[bench_tree {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """What vLLM and the reward workers print goes to stderr: stdout holds only the report."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def final_answer(text: str) -> str:
