@@ -119,12 +119,16 @@ def test_a_killed_rollout_worker_past_max_restarts_stops_the_run_within_seconds(
     assert "rollout.max_restarts=0" in failed and "ledger at the fault" in failed and "'started'" in failed
 
 
+STEPS_TWO = 900
+
+
 def test_one_of_two_workers_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_path, model_path):
     """kill -9 of one of two rollout workers: its groups start again on the other, a new
     worker takes its place with the newest weights, the run finishes, the ledger balances."""
-    # long enough (~0.15 s a step here) for the replacement's engine to start (~20-30 s) and work
+    # long enough (0.1-0.15 s a step here: 300 steps left the replacement's engine, which
+    # takes 20-40 s to start, too little time) for the replacement to start and work
     proc, stdout, stderr, _ = run_and_kill_a_worker(
-        tmp_path, "two", ["trainer.total_steps=300", "trainer.batch_groups=8", "rollout.num_workers=2",
+        tmp_path, "two", [f"trainer.total_steps={STEPS_TWO}", "trainer.batch_groups=8", "rollout.num_workers=2",
                           "cluster.rollout_cpus=0.5", "buffer.max_staleness=2"], after_steps=2)
     assert proc.returncode == 0, stderr[-4000:]
     died = re.search(r"rollout worker (\d) died", stderr)  # (which one the newest pid is varies)
@@ -132,10 +136,10 @@ def test_one_of_two_workers_killed_mid_run_is_replaced_and_nothing_is_lost(tmp_p
     assert f"rollout worker {died.group(1)} replaced; at work again" in stderr
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 301))
+    assert [r["step"] for r in steps] == list(range(1, STEPS_TWO + 1))
     final = next(r for r in reversed(records) if "ledger/lost" in r)
     assert final["ledger/lost"] == 0 and final["run/rollout_restarts"] == 1
-    assert final["ledger/requeued"] >= 1 and final["ledger/consumed"] >= 300 * 8
+    assert final["ledger/requeued"] >= 1 and final["ledger/consumed"] >= STEPS_TWO * 8
     assert max(r["staleness/token_age_max"] for r in steps) <= 2
     assert steps[-1]["rollout/workers_live"] == 2
 
