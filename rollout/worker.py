@@ -33,7 +33,7 @@ import asyncio
 import gc
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from buffer.prompts import PromptItem
 from buffer.scheduler import item_of
@@ -528,4 +528,5 @@ class RolloutWorker:
             "rollout/uptime_s": time.perf_counter() - self._created,
             "rollout/version": float(self.version),
             **self.rewards.metrics(),
+            **(self.workflow.metrics() if hasattr(self.workflow, "metrics") else {}),  # e.g. env/* (multiturn)
         }

@@ -15,7 +15,9 @@ which resumes it later through the same workflow with `ctx.partial` set.
 
 Select one with `rollout.workflow`: a registered name or a dotted path
 (`pkg.mod:MyWorkflow`, `path/file.py:MyWorkflow`); `rollout.workflow_kwargs` go to its
-constructor. AReaL's `arun_episode` is the model for this interface.
+constructor. AReaL's `arun_episode` is the model for this interface. A workflow may also
+define `metrics() -> dict[str, float]`: the worker logs them with its own counters each
+step (cumulative counts, as `rollout/*`; e.g. the multi-turn workflow's `env/*`).
 """
 
 from __future__ import annotations
