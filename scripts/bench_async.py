@@ -1,5 +1,11 @@
 """Synchronous vs APRIL vs asynchronous training on one long-tail workload, same cores.
 
+The workload (`--workload`): `steps` (the default) is `task=arithmetic_steps`, whose worked
+answers run 14-64 tokens with the number of operations (2-6), a natural long tail; `forced`
+is the built-in arithmetic task (answers of 2-4 tokens) with `scripts/workloads.py`'s
+LongTailWorkflow making `--long-tail-fraction` of the prompts generate at least
+`--long-tail-min-tokens` tokens (EOS ignored until then).
+
     python scripts/bench_async.py --quick        # 30 steps per mode, < 5 min including every start-up
     python scripts/bench_async.py                # 100 steps per mode, steadier numbers (~5 min)
 
@@ -89,7 +95,16 @@ def mode_overrides(eta: int) -> dict[str, list[str]]:
 
 
 def workload_overrides(args) -> list[str]:
+    if args.workload == "steps":  # the task's own long tail; its max_tokens (80) unless --max-tokens
+        workload = ["task=arithmetic_steps"] + ([f"rollout.max_tokens={args.max_tokens}"] if args.max_tokens else [])
+    else:
+        workload = [
+            f"rollout.max_tokens={args.max_tokens or 48}",
+            f"rollout.workflow={ROOT / 'scripts' / 'workloads.py'}:LongTailWorkflow",
+            f"+rollout.workflow_kwargs={{fraction: {args.long_tail_fraction}, min_tokens: {args.long_tail_min_tokens}}}",
+        ]
     return [
+        *workload,
         "logger=none",
         # a compiled trainer steps ~0.7x as long, which the admission rule turns into
         # rollout throughput; every mode and the train-only bound use it (compiling is
@@ -98,9 +113,6 @@ def workload_overrides(args) -> list[str]:
         f"trainer.total_steps={args.steps}",
         f"trainer.batch_groups={args.batch_groups}",
         f"rollout.n_samples={args.n_samples}",
-        f"rollout.max_tokens={args.max_tokens}",
-        f"rollout.workflow={ROOT / 'scripts' / 'workloads.py'}:LongTailWorkflow",
-        f"+rollout.workflow_kwargs={{fraction: {args.long_tail_fraction}, min_tokens: {args.long_tail_min_tokens}}}",
         "eval.every_steps=0",
         f"eval.max_rows={args.eval_rows}",
         *args.set,
@@ -137,8 +149,9 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
         min_tokens = cfg.rollout.workflow_kwargs.get("min_tokens", 0)
         long_groups = sum(min(t.num_response_tokens for t in g.trajectories) >= min_tokens
                           for g in groups) if min_tokens else 0
+        spread = length_spread(lengths)
         say(f"bounds: rollout-only {num_groups} groups in {rollout_s:.2f}s, {tokens / rollout_s:.0f} tok/s, "
-            f"{long_groups} long-tail groups, mean response {sum(lengths) / len(lengths):.1f} tokens")
+            f"{long_groups} forced long-tail groups, response tokens {spread}")
         schedules = {"all at once": num_groups * n / rollout_s}  # rollout-only is the fastest of these
         windowed = {}
         for window in windows:
@@ -189,6 +202,7 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
         "rollout_only_tok_s": tokens / rollout_s,
         "long_tail_groups": long_groups,
         "mean_response_tokens": sum(lengths) / len(lengths),
+        "response_spread": spread,
         "train_only_traj_s": trained / train_s,
         "train_only_s": train_s,
         "train_only_steps": len(batches),
@@ -197,6 +211,13 @@ def measure_bounds(cfg, num_groups: int, train_batches: int, windows: list[int],
         "rollout_cpu": rollout_cpu,
         "train_cpu": train_cpu,
     }
+
+
+def length_spread(lengths: list[int]) -> str:
+    """Response lengths as mean / median / p90 / max: the long tail a sync batch waits on."""
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(int(q * len(ordered)), len(ordered) - 1)]  # noqa: E731
+    return (f"mean {sum(ordered) / len(ordered):.1f}, median {pick(0.5)}, p90 {pick(0.9)}, max {ordered[-1]}")
 
 
 def finished_groups(worker, min_groups: int, timeout_s: float, what: str) -> list:
@@ -241,7 +262,6 @@ def rollout_under_rule(worker, items, batch_groups: int, eta: int, train_s: floa
     This is the async loop without its two costs on the machine, the trainer's core of
     work beside the rollout and the weight loads, so the gap between it and the async row
     is theirs, and the gap between it and rollout-only is the rule's."""
-    import ray
 
     from buffer.buffer import StalenessManager
 
@@ -507,13 +527,20 @@ def provenance() -> str:
         return f"library: {root} (not a git checkout)"
 
 
+def workload_description(args) -> str:
+    if getattr(args, "workload", "forced") == "steps":
+        return (f"task=arithmetic_steps (its tiny model; worked answers of 2-6 steps, a natural long tail), "
+                f"max_tokens={args.max_tokens or 80}")
+    return (f"built-in tiny model and arithmetic task, max_tokens={args.max_tokens or 48}; "
+            f"{args.long_tail_fraction:.0%} of groups must generate >= {args.long_tail_min_tokens} tokens")
+
+
 def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
     nan = float("nan")
     lines = [
         provenance(),
-        f"workload: built-in tiny model and arithmetic task; {args.steps} steps x {args.batch_groups} groups x "
-        f"{args.n_samples} samples per mode; max_tokens={args.max_tokens}; {args.long_tail_fraction:.0%} of groups "
-        f"must generate >= {args.long_tail_min_tokens} tokens; 2 cores (engine threads on core 0, trainer on core 1), no GPU",
+        f"workload: {workload_description(args)}; {args.steps} steps x {args.batch_groups} groups x "
+        f"{args.n_samples} samples per mode; 2 cores (engine threads on core 0, trainer on core 1), no GPU",
         "",
         "| bound | trajectories/s | detail |",
         "|---|---:|---|",
@@ -526,7 +553,8 @@ def report(args, bounds: dict, rows: list[dict], eta: int) -> list[str]:
             f"{fmt(bounds['rollout_schedules_traj_s']['all at once'], 1)}, again last "
             f"{fmt(bounds['rollout_schedules_traj_s']['all at once, again'], 1)} | no admission limit; the first run "
             f"done in {fmt(bounds['rollout_only_s'])} s, {fmt(bounds['rollout_only_tok_s'], 0)} tok/s; "
-            f"{bounds['long_tail_groups']} long-tail groups; mean response {fmt(bounds['mean_response_tokens'], 1)} tokens |",
+            + (f"{bounds['long_tail_groups']} forced long-tail groups; " if bounds['long_tail_groups'] else "")
+            + f"response tokens {bounds.get('response_spread') or fmt(bounds['mean_response_tokens'], 1) + ' mean'} |",
             f"| train-only | {fmt(bounds['train_only_traj_s'], 1)} | {bounds['train_only_steps']} train_step calls queued "
             f"back to back, {fmt(bounds['train_step_s'], 3)} s each; export_weights {fmt(bounds['export_s'] * 1000, 0)} ms |",
         ]
@@ -636,9 +664,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="trainer.total_steps per mode (quick 30, full 100)")
     ap.add_argument("--batch-groups", type=int, default=8)
     ap.add_argument("--n-samples", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--long-tail-fraction", type=float, default=0.15)
-    ap.add_argument("--long-tail-min-tokens", type=int, default=40)
+    ap.add_argument("--workload", choices=("steps", "forced"), default="steps",
+                    help="steps: task=arithmetic_steps' natural long tail; forced: arithmetic with forced lengths")
+    ap.add_argument("--max-tokens", type=int, default=None, help="rollout.max_tokens (steps: 80, forced: 48)")
+    ap.add_argument("--long-tail-fraction", type=float, default=0.15, help="forced: the share of long prompts")
+    ap.add_argument("--long-tail-min-tokens", type=int, default=40, help="forced: their minimum length")
     ap.add_argument("--eta", type=int, default=2, help="the async mode's buffer.max_staleness")
     ap.add_argument("--eval-rows", type=int, default=8)
     ap.add_argument("--modes", default="sync,sync+april,async,async-wait", help="comma-separated subset (for tuning)")

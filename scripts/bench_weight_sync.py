@@ -118,10 +118,22 @@ class Probes:
         self.tasks = [asyncio.ensure_future(engine.agenerate([3, 4, 5 + k], tokens, min_tokens=tokens, request_id=rid))
                       for k, rid in enumerate(self.ids)]
 
-    async def busy(self) -> None:
-        """Until every probe has decoded a few tokens."""
-        states = self.engine.engine.output_processor.request_states
-        while not all(rid in states and states[rid].detokenizer.num_output_tokens() >= 2 for rid in self.ids):
+    async def busy(self, timeout_s: float = 60.0) -> None:
+        """Until every probe has decoded a few tokens; a probe that fails, or none decoding
+        within `timeout_s`, is an error (the sync would otherwise be timed on an idle engine)."""
+        states = self.engine.engine.output_processor.request_states  # keyed by vLLM's internal ids
+        deadline = time.perf_counter() + timeout_s
+
+        def decoding() -> set[str]:
+            return {s.external_req_id for s in list(states.values()) if not s.is_prefilling}
+
+        while not decoding() >= set(self.ids):
+            for task in self.tasks:
+                if task.done():
+                    task.result()  # raises its error
+                    raise RuntimeError("a probe request finished before the sync: raise Probes.tokens")
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"probes not decoding after {timeout_s} s (decoding: {sorted(decoding())})")
             await asyncio.sleep(0.005)
 
     async def stop(self) -> bool:
