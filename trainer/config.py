@@ -178,6 +178,11 @@ class GroveConfig:
                 "next policy version, which buffer.max_staleness=0 forbids. Set buffer.max_staleness=1 "
                 "(partial tokens older than that are masked out of the loss) or rollout.overprovision=1."
             )
+        if self.rollout.workflow == "tree" and self.algorithm.novelty_sharpening:
+            raise ValueError(
+                "algorithm.novelty_sharpening (XRPO) sharpens one advantage per response, but rollout.workflow=tree "
+                "gives per-token segment advantages (algorithm.tree_advantage): set algorithm.novelty_sharpening=false, "
+                "or use rollout.workflow=group")
         sync = self.weight_sync
         if sync.transport == "broadcast":
             if self.rollout.max_restarts > 0:

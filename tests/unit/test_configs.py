@@ -117,3 +117,9 @@ def test_cli_config_errors_exit_nonzero_with_a_message():
         assert out.returncode == 2 and "grove: config error" in out.stderr and args[0].split(".")[0] in out.stderr
     out = run_cli("prepare", "model.path=/nonexistent/model")
     assert out.returncode == 2 and "model.path" in out.stderr
+
+
+def test_tree_rollouts_with_novelty_sharpening_are_refused_before_any_engine_starts():
+    with pytest.raises(Exception, match="novelty_sharpening.*rollout.workflow=tree"):
+        load(["rollout.workflow=tree", "algorithm.novelty_sharpening=true"])
+    assert load(["rollout.workflow=tree"]).rollout.workflow == "tree"
