@@ -22,6 +22,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     eval_max_tokens: int = 8
+    eval_workflow: bool = False  # held-out rows run through the workflow's `aevaluate` (greedy), e.g. an agent with its tools
     on_update: str = "interrupt"  # wait | interrupt | interrupt_newest (see rollout/worker.py)
     interrupt_by: str = "pause"  # pause: keep requests in the engine | abort: resubmit, re-prefill
     overprovision: float = 1.0  # APRIL: keep this many batches' worth of groups in flight (1 = off)

@@ -232,6 +232,19 @@ class MultiTurnWorkflow(GroupWorkflow):
                        "env/context_tokens": float(sum(len(t.loss_mask) - sum(t.loss_mask) for t in group.trajectories))}
         return group
 
+    async def aevaluate(self, ctx: EpisodeContext, traj: Trajectory, row: dict) -> Trajectory:
+        """One held-out episode (`rollout.eval_workflow=true`): the agent with its
+        environment, as it is trained, but greedy (the context decides). An environment
+        fault ends the episode where it stands, to be scored as it is; evaluation episodes
+        do not count toward the training alarm."""
+        info: dict[str, Any] = {"env_reward": 0.0, "turns": 0.0}
+        try:
+            await self._turns(ctx, traj, row, info)
+        except EnvironmentFault:
+            traj.finish_reason, info["env_failed"] = FinishReason.LENGTH, 1.0
+        traj.reward_info = info
+        return traj
+
     async def _episode(self, ctx: EpisodeContext, traj: Trajectory, row: dict) -> str | None:
         """One response's episode, continued where an earlier pass left it; its progress
         (`env_reward`, `turns`, `env_failed`) lives in `traj.reward_info`. Returns the

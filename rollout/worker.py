@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from rewards.runner import RewardConfig, RewardRequest, RewardRunner
 from rollout.clock import BusyClock
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
+from rollout.episode import Episode, EvalEpisode
 from rollout.workflow import build_workflow
 
 __all__ = ["Collected", "Episode", "RolloutConfig", "RolloutWorker"]
@@ -53,64 +55,6 @@ class Collected:
     groups: list[Group]  # finished and scored
     dropped: list[str]  # ids of groups a reward failure policy dropped or the workflow rejected
     partial: list[Group]  # interrupted by `interrupt_groups`, to resume later
-
-
-class Episode:
-    """One prompt item's run through the workflow: the `EpisodeContext` the worker gives
-    it (rollout/workflow.py). It carries what the episode was admitted with: the weights
-    it may generate on (`not_before`) and the APRIL interrupt count it started under."""
-
-    def __init__(self, worker: "RolloutWorker", item: PromptItem, partial: Group | None, not_before: int) -> None:
-        self.worker = worker
-        self.tokenizer = worker.tokenizer
-        self.max_tokens = worker.cfg.max_tokens
-        self.item = item
-        self.partial = partial
-        self.not_before = not_before
-        self.interrupts = worker._interrupts  # an APRIL interrupt after this hands the group back
-        self.scored: bool | None = None  # the keep flag of `ascore`, once called
-        self.prompt_tokens = 0  # sent to the engine by this episode's requests ...
-        self.cached_prompt_tokens = 0  # ... and found in its prefix cache
-
-    @property
-    def version(self) -> int:
-        """The policy version every request sent from now on runs on."""
-        return self.worker.version
-
-    def new_group(self, item: PromptItem) -> Group:
-        group = Group(group_id=item.group_id, prompt_id=item.prompt_id, prompt_text=item.prompt,
-                      row=item.row, start_version=item.start_version)
-        prompt_ids = self.worker.encode_prompt(item.prompt)
-        context_ids = self._context_ids(item.context, prompt_ids) if item.context else []
-        group.trajectories = [Trajectory(prompt_id=item.prompt_id, group_id=item.group_id, prompt_ids=list(prompt_ids),
-                                         context_ids=list(context_ids)) for _ in range(item.n_samples)]
-        return group
-
-    def _context_ids(self, context: str, prompt_ids: list[int]) -> list[int]:
-        """The tokens of `context` as they precede the prompt's own tokens in context + prompt."""
-        full = self.tokenizer.encode(context + self.item.prompt)
-        if len(full) > len(prompt_ids) and full[len(full) - len(prompt_ids):] == prompt_ids:
-            return full[:len(full) - len(prompt_ids)]
-        return self.tokenizer.encode(context, add_special_tokens=False)
-
-    async def agenerate(self, traj: Trajectory, max_tokens: int | None = None, *, min_tokens: int = 0,
-                        temperature: float | None = None, top_logprobs: int = 0,
-                        tops: list | None = None, stop: tuple[str, ...] = ()) -> Trajectory:
-        cfg = self.worker.cfg
-
-        def seen(segment) -> None:
-            self.prompt_tokens += segment.prompt_tokens
-            self.cached_prompt_tokens += segment.cached_prompt_tokens
-            if tops is not None:  # per new token: its position's top-k (empty if the engine gave none)
-                tops.extend(segment.top if segment.top is not None else [[] for _ in segment.token_ids])
-
-        return await self.worker._sample(traj, max_tokens or cfg.max_tokens,
-                                         cfg.temperature if temperature is None else temperature,
-                                         min_tokens, self.interrupts, self.not_before, top_logprobs, seen, stop)
-
-    async def ascore(self, group: Group) -> bool:
-        self.scored = await self.worker._score(group)
-        return self.scored
 
 
 class RolloutWorker:
@@ -128,6 +72,11 @@ class RolloutWorker:
                 os.sched_setaffinity(int(tid), cores)
         self.engine = engine or VLLMEngine(model_path, rollout.engine)  # tests share one engine
         self.workflow = build_workflow(rollout.workflow, dict(rollout.workflow_kwargs), reward_cwd)
+        if rollout.eval_workflow and not inspect.iscoroutinefunction(getattr(self.workflow, "aevaluate", None)):
+            raise ValueError(f"rollout.eval_workflow=true, but rollout.workflow={rollout.workflow!r} "
+                             f"({type(self.workflow).__name__}) has no `async def aevaluate(self, ctx, traj, row)` "
+                             "to run a held-out row with: set rollout.eval_workflow=false (plain greedy samples), "
+                             "or use a workflow that has one (multiturn)")
         self.version = 0  # the weights every request sent to the engine from now on runs on
         self._tasks: dict[asyncio.Task, str] = {}  # episode task -> its group id
         self._finished: list[Group] = []
@@ -493,6 +442,8 @@ class RolloutWorker:
 
         async def one(row: dict) -> Trajectory:
             traj = Trajectory(prompt_id="eval", group_id="eval", prompt_ids=self.encode_prompt(row[prompt_key]))
+            if self.cfg.eval_workflow:
+                return await self.workflow.aevaluate(EvalEpisode(self), traj, row)
             return await self._sample(traj, self.cfg.eval_max_tokens, temperature=0.0)
 
         trajs = await asyncio.gather(*(one(row) for row in rows))

@@ -334,3 +334,23 @@ def test_a_multiturn_episode_samples_its_turns_and_appends_observations_as_conte
         sampled = [(a, b) for a, b, m in zip(traj.behaviour_logprobs, expected, traj.loss_mask) if m]
         assert max(abs(a - b) for a, b in sampled) < 1e-4
     assert seen_observations >= 2  # (the tiny model answers in digits: its turns end at one)
+
+
+def test_eval_workflow_evaluates_each_row_as_a_greedy_episode_with_the_environment(model_path, engine, loop_thread):
+    """`rollout.eval_workflow=true`: held-out rows run through the multi-turn workflow, so
+    the responses scored hold the environment's observations; greedy, so two evaluations
+    agree. A workflow without `aevaluate` is refused at start-up, naming the setting."""
+    kwargs = {"env": f"{__name__}:EchoEnv", "stop": list("0123456789"), "max_turns": 3}
+    worker = RolloutWorker(model_path, RolloutConfig(eval_max_tokens=40, workflow="multiturn", workflow_kwargs=kwargs,
+                                                     eval_workflow=True),
+                           RewardConfig(isolated=False), engine=engine)
+    loop_thread.run(worker.astart())
+    rows = [ROW, {**ROW, "prompt": "7+5="}, {**ROW, "prompt": "9+9="}]
+    metrics, records = loop_thread.run(worker.evaluate_samples(rows))
+    again = loop_thread.run(worker.evaluate_samples(rows))[1]
+    assert [r["response"] for r in records] == [r["response"] for r in again]
+    assert any("+3=" in r["response"] for r in records), [r["response"] for r in records]
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+    with pytest.raises(ValueError, match=r"rollout.eval_workflow=true.*'group'.*aevaluate.*eval_workflow=false"):
+        RolloutWorker(model_path, RolloutConfig(eval_workflow=True), RewardConfig(isolated=False), engine=engine)

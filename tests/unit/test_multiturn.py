@@ -277,3 +277,16 @@ def test_the_chat_template_wraps_a_prompt_when_asked():
     chat = SimpleNamespace(cfg=RolloutConfig(chat_template=True, system_prompt="be exact"), tokenizer=tok)
     assert RolloutWorker.encode_prompt(chat, "1+1=") == tok.encode("<system>be exact<user>1+1=<a>",
                                                                    add_special_tokens=False)
+
+
+def test_aevaluate_runs_one_greedy_episode_and_a_fault_ends_it_uncounted():
+    ctx = ScriptCtx(["12+21=", "33-4=", ";#29"])
+    wf = MultiTurnWorkflow(stop=["="], max_turns=8)
+    traj = asyncio.run(wf.aevaluate(ctx, Trajectory("eval", "eval", [1, 2]), {"prompt": "12+7*3-4="}))
+    assert "".join(map(chr, traj.response_ids)) == "12+21=33" + "33-4=29" + ";#29"
+    assert traj.reward_info["turns"] == 3.0 and traj.finish_reason is FinishReason.STOP
+
+    broken = MultiTurnWorkflow(env=f"{__name__}:Boom")
+    traj = asyncio.run(broken.aevaluate(ScriptCtx(["<calc>1</calc>"]), Trajectory("eval", "eval", [1]), {}))
+    assert traj.finish_reason is FinishReason.LENGTH and traj.reward_info["env_failed"] == 1.0
+    assert broken.counts["episodes"] == 0 and not broken.recent  # the training alarm never sees evaluation
