@@ -368,6 +368,13 @@ def _session_pids(sid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _interruptible() -> None:
+    """In the run's process, before exec: SIGINT back to its default, which Python turns
+    into KeyboardInterrupt. A driver started in the background (`nohup ... &`) inherits
+    SIGINT ignored, and its runs would then ignore `_stop`'s SIGINT until SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT to the run's process group (the driver shuts Ray down), then anything of its
     session still there after the grace period is killed."""
@@ -412,7 +419,8 @@ def run(strategy: str, seed: int, task: str, cmd: list[str], root: Path, budget:
     start = time.perf_counter()
     stopped = False
     with open(root / f"{strategy}-seed{seed}.log", "w") as log:  # the run's own console output
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_interruptible)
         try:
             n = None
             while proc.poll() is None:

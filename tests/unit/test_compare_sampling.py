@@ -218,3 +218,19 @@ def test_reanalysing_saved_results_at_another_target_merges_files_and_moves_the_
     assert capsys.readouterr().out.strip().splitlines()[-1] == "compare_sampling: uniform=400/nan vade=400/nan"
     assert cs.reanalyse([one, two], "+0.10") == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "compare_sampling: uniform=800/nan vade=400/nan"
+
+
+def test_a_run_takes_sigint_even_when_the_driver_was_started_ignoring_it():
+    """`nohup compare_sampling.py &` ignores SIGINT, and children inherit that: the run
+    would go on until SIGKILL, training past its budget."""
+    import signal
+    import subprocess
+
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"]
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        inherited = subprocess.run(probe, capture_output=True, text=True).stdout.strip()
+        reset = subprocess.run(probe, capture_output=True, text=True, preexec_fn=cs._interruptible).stdout.strip()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert (inherited, reset) == ("False", "True")
