@@ -19,6 +19,10 @@ shape, ~0.4M parameters; `10m` and `100m` have a 8k / 32k vocabulary; fp32 throu
 - the stall: how long each swap held the engine core, which runs no decode step meanwhile
   (timed inside the engine, `GroveWorkerExtension.grove_take_stalls`);
 - the fixed cost of a sync: a delta sync when nothing changed (no bucket travels);
+- the floor under every transport: one call to the trainer actor and one `collective_rpc`
+  to the engine's worker, both carrying nothing, while the probes decode (a sync needs at
+  least these two: the trainer must be asked, the engine told); its ratio to the memcpy
+  bound is the best any transport could show at that size;
 - what delta sync saves per step: buckets (and bytes) changed by one Adam step, and the
   share of weights whose bits changed, in fp32 and once rounded to bf16.
 
@@ -201,6 +205,19 @@ async def bench_size(name: str, root: Path, args) -> dict:
         busy = await probes.stop()
         return seconds, max(stalls), sent, busy
 
+    async def floor() -> float:
+        probes = Probes(engine)
+        await probes.busy()
+        start = time.perf_counter()
+        await trainer.__ray_call__.remote(_noop)
+        await engine.engine.collective_rpc("grove_take_stalls")
+        seconds = time.perf_counter() - start
+        await probes.stop()
+        return seconds
+
+    results["floor_s"] = statistics.median([await floor() for _ in range(5)])
+    say(f"{name}: floor (an empty trainer call + an empty engine rpc) {results['floor_s'] * 1000:.2f} ms, "
+        f"{results['floor_s'] / memcpy:.1f}x memcpy")
     for transport in TRANSPORTS:
         delta = transport.endswith("delta")
         await trainer.__ray_call__.remote(_set_delta, delta)
@@ -234,6 +251,10 @@ async def bench_size(name: str, root: Path, args) -> dict:
     return results
 
 
+def _noop(trainer) -> None:
+    return None
+
+
 def _set_delta(trainer, delta: bool) -> None:
     trainer._delta, trainer._sent_digests = delta, None
 
@@ -251,11 +272,13 @@ def report(all_results: dict[str, dict]) -> tuple[float, float]:
                   f"{seconds * 1000:.1f} | {res['memcpy_s'] * 1000:.2f} | {ratio:.1f} | "
                   f"{max(r[1] for r in rows) * 1000:.1f} |")
     print()
-    print("| model | empty sync ms | buckets changed by a step | delta bytes saved | weights changed fp32 | as bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| model | floor ms (x memcpy) | empty sync ms | buckets changed by a step | delta bytes saved | "
+          "weights changed fp32 | as bf16 |")
+    print("|---|---|---|---|---|---|---|")
     for name, res in all_results.items():
         d = res["delta"]
-        print(f"| {name} | {res['empty_s'] * 1000:.1f} | {d['buckets_changed']}/{res['buckets']} | "
+        print(f"| {name} | {res['floor_s'] * 1000:.2f} ({res['floor_s'] / res['memcpy_s']:.1f}) | "
+              f"{res['empty_s'] * 1000:.1f} | {d['buckets_changed']}/{res['buckets']} | "
               f"{1 - d['bytes_sent'] / res['bytes']:.1%} | {d['fp32_changed']:.1%} | {d['bf16_changed']:.1%} |")
     return worst, stall
 
