@@ -11,6 +11,8 @@ Arms (each adds its overrides to `grove train task=arithmetic_steps algorithm=gr
 - `tree`: `rollout.workflow=tree`, LATR branching with bench_tree's settings (τ_abs 0.1,
   τ_rel 0.5, 4 rounds, lookahead 4, prune distance 0.2: about 5 of `rollout.n_samples` = 8
   leaves per tree, half their tokens shared); the workflow's own defaults grow ~2.4;
+- `tree_mix`: the same with LATR's tree/flat mix at 0.5: half of the leaves start as
+  independent samples (roots), the rest branch from them (`tree` has one root per tree);
 - `tool`: `rollout.workflow=multiturn` with the calculator answering each step's `=` (stop
   "=", max_turns 8), and evaluated with it (`rollout.eval_workflow=true`): the result of every
   step comes from the tool, so the model learns which steps to write, not the sums.
@@ -56,6 +58,8 @@ ARMS = {
     "flat": ["rollout.workflow=group"],
     "tree": ["rollout.workflow=tree",
              "+rollout.workflow_kwargs={tau_abs: 0.1, tau_rel: 0.5, rounds: 4, lookahead: 4, prune_distance: 0.2}"],
+    "tree_mix": ["rollout.workflow=tree", "+rollout.workflow_kwargs={tau_abs: 0.1, tau_rel: 0.5, rounds: 4, "
+                 "lookahead: 4, prune_distance: 0.2, mix: 0.5}"],
     "tool": ["rollout.workflow=multiturn", "+rollout.workflow_kwargs={stop: ['='], max_turns: 8}",
              "rollout.eval_workflow=true"],
 }
@@ -109,7 +113,7 @@ def report(results: list[Result], spec: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=["flat", "tree", "tool"], choices=list(ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=30720, help="rollouts (sampled responses) per run")
     ap.add_argument("--target", default="+0.05", help="'+x' over each arm's starting accuracy, or absolute")
