@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -52,14 +51,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_algorithms import REPO, _fmt  # noqa: E402
-from compare_sampling import Result, apply_target, run, runs_table, spread  # noqa: E402
+from compare_sampling import Result, apply_target, resolve_target, run, runs_table, spread  # noqa: E402
 
+TREE_KWARGS = "tau_abs: 0.1, tau_rel: 0.5, rounds: 4, lookahead: 4, prune_distance: 0.2"  # bench_tree's
 ARMS = {
     "flat": ["rollout.workflow=group"],
-    "tree": ["rollout.workflow=tree",
-             "+rollout.workflow_kwargs={tau_abs: 0.1, tau_rel: 0.5, rounds: 4, lookahead: 4, prune_distance: 0.2}"],
-    "tree_mix": ["rollout.workflow=tree", "+rollout.workflow_kwargs={tau_abs: 0.1, tau_rel: 0.5, rounds: 4, "
-                 "lookahead: 4, prune_distance: 0.2, mix: 0.5}"],
+    "tree": ["rollout.workflow=tree", f"+rollout.workflow_kwargs={{{TREE_KWARGS}}}"],
+    "tree_mix": ["rollout.workflow=tree", f"+rollout.workflow_kwargs={{{TREE_KWARGS}, mix: 0.5}}"],
     "tool": ["rollout.workflow=multiturn", "+rollout.workflow_kwargs={stop: ['='], max_turns: 8}",
              "rollout.eval_workflow=true"],
 }
@@ -76,12 +74,9 @@ def command(arm: str, seed: int, max_steps: int, args: argparse.Namespace, root:
 
 def arm_targets(results: list[Result], spec: str) -> dict[str, tuple[float, float]]:
     """arm -> (target, its median starting accuracy)."""
-    out = {}
-    for arm in dict.fromkeys(r.strategy for r in results):
-        starts = [r.start_accuracy for r in results if r.strategy == arm and r.start_accuracy is not None]
-        start = statistics.median(starts) if starts else math.nan
-        out[arm] = (start + float(spec[1:]) if spec.strip().startswith("+") else float(spec), start)
-    return out
+    return {arm: resolve_target(spec, [r.start_accuracy for r in results
+                                       if r.strategy == arm and r.start_accuracy is not None])
+            for arm in dict.fromkeys(r.strategy for r in results)}
 
 
 def report(results: list[Result], spec: str) -> str:
@@ -105,8 +100,8 @@ def report(results: list[Result], spec: str) -> str:
                      f"{spread([r.seconds_to_target for r in runs]).text('.0f'):>26}  "
                      f"{final.text('.3f'):>28}  {pace.text('.2f'):>10}")
         all_reached = runs and not failed and reached == len(runs)
-        last.append(f"{arm}={steps.mean:.0f}/{_fmt(final.mean - start if final.n else None, '+.3f')}"
-                    if all_reached else f"{arm}=nan/{_fmt(final.mean - start if final.n else None, '+.3f')}")
+        gain = _fmt(final.mean - start if final.n else None, '+.3f')
+        last.append(f"{arm}={f'{steps.mean:.0f}' if all_reached else 'nan'}/{gain}")
     lines.append("compare_workflows: " + " ".join(last))
     return "\n".join(lines)
 
