@@ -459,11 +459,14 @@ class RolloutWorker:
                 by_level.setdefault(str(row["difficulty"]), []).append(ok)
         for level, oks in sorted(by_level.items()):
             metrics[f"eval/accuracy_difficulty_{level}"] = sum(oks) / len(oks)
+        if self.cfg.eval_workflow:  # episodes whose environment failed: scored as they stood, and counted
+            metrics["eval/env_failed"] = sum(bool(t.reward_info.get("env_failed")) for t in trajs) / len(trajs)
         records = [{"index": i, "prompt": row[prompt_key], "response": text, "reward": scored.score, "correct": ok,
                     "reward_info": dict(scored.info), "failure": scored.failure,
                     "failure_detail": scored.detail or None,
                     "finish_reason": t.finish_reason.value if t.finish_reason else None,
                     "response_tokens": t.num_response_tokens,
+                    **({"episode_info": dict(t.reward_info)} if self.cfg.eval_workflow else {}),
                     "fields": {k: v for k, v in row.items() if k != prompt_key}}
                    for i, (row, t, text, scored, ok) in enumerate(zip(rows, trajs, texts, scores, correct))]
         return metrics, records

@@ -351,6 +351,7 @@ def test_eval_workflow_evaluates_each_row_as_a_greedy_episode_with_the_environme
     assert [r["response"] for r in records] == [r["response"] for r in again]
     assert any("+3=" in r["response"] for r in records), [r["response"] for r in records]
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+    assert metrics["eval/env_failed"] == 0.0 and all(r["episode_info"]["turns"] >= 1 for r in records)
 
     with pytest.raises(ValueError, match=r"rollout.eval_workflow=true.*'group'.*aevaluate.*eval_workflow=false"):
         RolloutWorker(model_path, RolloutConfig(eval_workflow=True), RewardConfig(isolated=False), engine=engine)
